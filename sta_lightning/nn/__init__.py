@@ -1,0 +1,1 @@
+"""sta_lightning.nn."""
