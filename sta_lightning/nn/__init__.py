@@ -1,1 +1,4 @@
 """sta_lightning.nn."""
+
+from sta_lightning.nn.sta import StokenAssociation, StokenAttention  # noqa: F401
+from sta_lightning.nn.sta_block import STABlock  # noqa: F401
