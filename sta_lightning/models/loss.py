@@ -1,0 +1,135 @@
+"""The YOLOv8 detection loss: task-aligned assignment, BCE classification, CIoU box and DFL terms."""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sta_lightning.models.assigner import TaskAlignedAssigner, complete_iou
+from sta_lightning.models.box_coding import dfl_expectation, ltrb_to_xyxy, make_anchors, xyxy_to_ltrb
+
+
+def pad_targets(
+    batch_idx: Tensor, cls: Tensor, bboxes: Tensor, batch_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Flat targets (M,) image index, (M,) class, (M, 4) boxes -> per image, padded to the largest count K:
+    labels (B, K) long, boxes (B, K, 4), mask (B, K) bool marking the real slots (order kept per image)."""
+    if bboxes.ndim != 2 or bboxes.shape[-1] != 4:
+        raise ValueError(f"targets['bboxes'] must have shape (M, 4), got {tuple(bboxes.shape)}")
+    if not (batch_idx.shape[0] == cls.shape[0] == bboxes.shape[0]):
+        raise ValueError(
+            f"targets disagree in length: batch_idx {batch_idx.shape[0]}, cls {cls.shape[0]}, "
+            f"bboxes {bboxes.shape[0]}"
+        )
+    batch_idx = batch_idx.long()
+    if batch_idx.numel() and (batch_idx.min() < 0 or batch_idx.max() >= batch_size):
+        found = batch_idx.unique().tolist()
+        raise ValueError(f"targets['batch_idx'] must lie in [0, {batch_size}), got {found}")
+    counts = torch.bincount(batch_idx, minlength=batch_size)
+    num_slots = int(counts.max()) if batch_idx.numel() else 0
+    order = torch.argsort(batch_idx, stable=True)
+    image = batch_idx[order]
+    slot = torch.arange(image.numel(), device=image.device) - (counts.cumsum(0) - counts)[image]
+    labels = torch.zeros((batch_size, num_slots), dtype=torch.long, device=bboxes.device)
+    boxes = torch.zeros((batch_size, num_slots, 4), dtype=bboxes.dtype, device=bboxes.device)
+    mask = torch.zeros((batch_size, num_slots), dtype=torch.bool, device=bboxes.device)
+    labels[image, slot] = cls.view(-1).long()[order]
+    boxes[image, slot] = bboxes[order]
+    mask[image, slot] = True
+    return labels, boxes, mask
+
+
+def distribution_focal_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """(P, 4, reg_max) DFL logits and (P, 4) target distances in bins (< reg_max - 1) -> (P,) the
+    cross-entropy to the two neighbouring bins, weighted by proximity and averaged over the 4 sides."""
+    reg_max = logits.shape[-1]
+    left = target.long()
+    right = left + 1
+    left_weight = right - target
+    right_weight = 1 - left_weight
+    flat_logits = logits.reshape(-1, reg_max)
+    left_ce = F.cross_entropy(flat_logits, left.view(-1), reduction="none").view(left.shape)
+    right_ce = F.cross_entropy(flat_logits, right.view(-1), reduction="none").view(left.shape)
+    return (left_ce * left_weight + right_ce * right_weight).mean(-1)
+
+
+class YOLOv8Loss(nn.Module):
+    """YOLOv8 detection loss (no learnable parameters).
+
+    ``loss(preds, targets)``: ``preds`` the train-mode head output, a list of (B, 4 * reg_max + C, H/s, W/s)
+    maps for ``strides``; ``targets`` a dict with ``batch_idx`` (M,) long, ``cls`` (M,) long and ``bboxes``
+    (M, 4) xyxy input pixels. Returns ``(total, items)``: ``items`` (3,) detached = gain-scaled (box, cls,
+    dfl) per-batch values, ``total`` = their sum with gradient times the batch size (what the reference
+    backpropagates). The box and DFL terms are in grid units, summed over foreground anchors weighted by the
+    target score; all three terms are divided by max(sum of target scores, 1).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        reg_max: int = 16,
+        strides: tuple[int, ...] = (8, 16, 32),
+        box_gain: float = 7.5,
+        cls_gain: float = 0.5,
+        dfl_gain: float = 1.5,
+        topk: int = 10,
+        alpha: float = 0.5,
+        beta: float = 6.0,
+        min_box_side: float | None = None,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.reg_max = reg_max
+        self.strides = tuple(strides)
+        self.gains = (box_gain, cls_gain, dfl_gain)
+        self.assigner = TaskAlignedAssigner(num_classes, topk, alpha, beta, min_box_side=min_box_side)
+
+    def forward(self, preds: list[Tensor], targets: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        if len(preds) != len(self.strides):
+            raise ValueError(f"YOLOv8Loss: {len(preds)} prediction maps for {len(self.strides)} strides")
+        expected_channels = 4 * self.reg_max + self.num_classes
+        if any(p.shape[1] != expected_channels for p in preds):
+            raise ValueError(
+                f"YOLOv8Loss: prediction maps need {expected_channels} channels (4 * {self.reg_max} DFL + "
+                f"{self.num_classes} classes), got {[p.shape[1] for p in preds]}"
+            )
+        batch_size = preds[0].shape[0]
+        device = preds[0].device
+        # (B, N, 4 * reg_max + C) in float32 whatever the autocast dtype of the head.
+        flat = torch.cat([p.flatten(2) for p in preds], 2).transpose(1, 2).float()
+        dist_logits, cls_logits = flat.split((4 * self.reg_max, self.num_classes), -1)
+        num_anchors = flat.shape[1]
+
+        points, stride = make_anchors([p.shape[-2:] for p in preds], self.strides)
+        points, stride = points.to(device), stride.to(device)
+        bins = torch.arange(self.reg_max, dtype=torch.float32, device=device)
+        dist_logits = dist_logits.reshape(batch_size, num_anchors, 4, self.reg_max)
+        pred_boxes = ltrb_to_xyxy(dfl_expectation(dist_logits, bins), points)  # (B, N, 4) grid units
+
+        gt_labels, gt_boxes, gt_mask = pad_targets(
+            targets["batch_idx"].to(device),
+            targets["cls"].to(device),
+            targets["bboxes"].to(device, torch.float32),
+            batch_size,
+        )
+        assignment = self.assigner(
+            cls_logits.detach().sigmoid(),
+            pred_boxes.detach() * stride,
+            points * stride,
+            gt_labels,
+            gt_boxes,
+            gt_mask,
+        )
+        target_scores_sum = assignment.scores.sum().clamp(min=1)
+        cls_loss = F.binary_cross_entropy_with_logits(cls_logits, assignment.scores, reduction="none").sum()
+
+        foreground = assignment.foreground
+        weight = assignment.scores.sum(-1)[foreground]  # (P,)
+        fg_points = points.expand(batch_size, -1, -1)[foreground]
+        fg_targets = (assignment.boxes / stride)[foreground]  # (P, 4) grid units
+        box_loss = ((1 - complete_iou(pred_boxes[foreground], fg_targets)) * weight).sum()
+        target_ltrb = xyxy_to_ltrb(fg_targets, fg_points, self.reg_max - 1 - 0.01)
+        dfl_loss = (distribution_focal_loss(dist_logits[foreground], target_ltrb) * weight).sum()
+
+        gains = torch.tensor(self.gains, device=device)
+        items = torch.stack((box_loss, cls_loss, dfl_loss)) / target_scores_sum * gains
+        return items.sum() * batch_size, items.detach()
