@@ -1,0 +1,171 @@
+"""Exact COCO bbox evaluation with faster-coco-eval (same numbers as pycocotools' COCOeval, ~8x faster).
+
+Stats follow COCOeval: AP/AR in [0, 1]; -1 where a value is undefined (no ground truth in that area range,
+or for a category without ground truth in the evaluated images).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from faster_coco_eval import COCO, COCOeval_faster
+
+# COCOeval.stats order (iouType "bbox", maxDets [1, 10, 100], area ranges all/small/medium/large).
+STAT_NAMES = (
+    "map",
+    "map_50",
+    "map_75",
+    "map_small",
+    "map_medium",
+    "map_large",
+    "mar_1",
+    "mar_10",
+    "mar_100",
+    "mar_small",
+    "mar_medium",
+    "mar_large",
+)
+
+_REQUIRED_KEYS = {
+    "images": ("id",),
+    "annotations": ("id", "image_id", "category_id", "bbox", "area"),
+    "categories": ("id",),
+}
+_DETECTION_KEYS = ("image_id", "bbox", "score", "category_id")
+
+
+def load_coco_annotations(annotation_file: str | os.PathLike) -> COCO:
+    """Load and index a COCO instances json; errors name the file (and the entry) if missing or malformed.
+
+    Load once and pass the result to `evaluate_coco` to evaluate repeatedly (full COCO val takes ~1 s).
+    """
+    path = Path(annotation_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"COCO annotation file not found: {path}")
+    try:
+        with path.open("rb") as file:
+            dataset = json.load(file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"COCO annotation file {path} is not valid JSON: {error}") from error
+    if not isinstance(dataset, dict):
+        raise ValueError(f"COCO annotation file {path}: expected a JSON object, got {type(dataset).__name__}")
+    for section, keys in _REQUIRED_KEYS.items():
+        entries = dataset.get(section)
+        if not isinstance(entries, list):
+            raise ValueError(f"COCO annotation file {path}: missing or non-list '{section}'")
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, dict) or any(key not in entry for key in keys):
+                raise ValueError(
+                    f"COCO annotation file {path}: {section}[{index}] must be an object with keys {keys}, "
+                    f"got {entry!r:.200}"
+                )
+    coco = COCO(dataset)
+    coco.annotation_file = str(path)  # COCO stores its source (here the parsed dict): keep the file name
+    return coco
+
+
+def detections_to_array(detections: np.ndarray | Sequence[dict]) -> np.ndarray:
+    """COCO result dicts (image_id, category_id, bbox x,y,w,h, score) or an array -> (N, 7) float64
+    [image_id, x, y, w, h, score, category_id], boxes in original image pixels."""
+    if isinstance(detections, np.ndarray):
+        if detections.size == 0:
+            return np.zeros((0, 7))
+        if detections.ndim != 2 or detections.shape[1] != 7:
+            raise ValueError(
+                "detections array must have shape (N, 7) [image_id, x, y, w, h, score, category_id], "
+                f"got {detections.shape}"
+            )
+        return detections.astype(np.float64)
+    rows = []
+    for index, detection in enumerate(detections):
+        missing = [key for key in _DETECTION_KEYS if key not in detection]
+        if missing or len(detection["bbox"]) != 4:
+            raise ValueError(
+                f"detections[{index}] must have keys {_DETECTION_KEYS} and a 4-value bbox, "
+                f"got {detection!r:.200}"
+            )
+        rows.append((detection["image_id"], *detection["bbox"], detection["score"], detection["category_id"]))
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 7)
+
+
+def _check_known_ids(ids: Iterable[float], known: Iterable[int], what: str, source: str) -> None:
+    """Raise ValueError naming up to 10 ids that are not integers or not among the annotation file's ids."""
+    unique = np.unique(np.asarray(list(ids), dtype=np.float64))
+    unknown = [value for value in unique.tolist() if value != int(value) or int(value) not in known]
+    if unknown:
+        shown = ", ".join(f"{value:g}" for value in unknown[:10])
+        raise ValueError(f"{len(unknown)} {what} not in COCO annotations {source}: {shown}")
+
+
+def _silent(*args, **kwargs) -> None:
+    """Print function that discards faster-coco-eval's progress and summary lines."""
+
+
+def evaluate_coco(
+    annotation_file: str | os.PathLike | COCO,
+    detections: np.ndarray | Sequence[dict],
+    image_ids: Iterable[int] | None = None,
+    per_class: bool = False,
+    verbose: bool = False,
+) -> dict:
+    """COCO bbox metrics of `detections` against the ground truth, identical to pycocotools' COCOeval.
+
+    Args:
+        annotation_file: COCO instances json path, or a `load_coco_annotations` result to reuse.
+        detections: COCO result dicts or an (N, 7) array [image_id, x, y, w, h, score, category_id], boxes in
+            original image pixels. Detections on images outside `image_ids` are ignored (as COCOeval does).
+        image_ids: the images to evaluate (COCOeval params.imgIds); None = every image of the annotation file.
+        per_class: also return "map_per_class": {category_id: AP@[.5:.95]} (-1 for categories without ground
+            truth in the evaluated images), from COCOeval's precision array (area all, maxDets 100).
+        verbose: print COCOeval's summary table to stdout (silent by default).
+
+    Returns:
+        dict with the 12 `STAT_NAMES` as floats (COCOeval.stats; -1 where undefined), plus "map_per_class".
+    """
+    coco = annotation_file if isinstance(annotation_file, COCO) else load_coco_annotations(annotation_file)
+    source = coco.annotation_file if isinstance(coco.annotation_file, str) else "(in-memory annotations)"
+    array = detections_to_array(detections)
+    if not np.isfinite(array).all():
+        bad_row = int(np.flatnonzero(~np.isfinite(array).all(axis=1))[0])
+        raise ValueError(f"detection row {bad_row} has a non-finite value: {array[bad_row].tolist()}")
+    _check_known_ids(array[:, 0], coco.imgs, "detection image ids", source)
+    _check_known_ids(array[:, 6], coco.cats, "detection category ids", source)
+    if image_ids is None:
+        evaluated_ids = sorted(coco.getImgIds())
+    else:
+        evaluated_ids = sorted({int(image_id) for image_id in image_ids})
+        if not evaluated_ids:
+            raise ValueError("image_ids is empty: there is no image to evaluate")
+        _check_known_ids(evaluated_ids, coco.imgs, "image_ids", source)
+
+    # Built here rather than with COCO.loadNumpyAnnotations: one tolist() is several times faster than its
+    # per-element numpy indexing on COCO val's ~1.5M detections, with the same float64 values.
+    results = [
+        {"image_id": int(row[0]), "bbox": row[1:5], "score": row[5], "category_id": int(row[6])}
+        for row in array.tolist()
+    ]
+    print_function = print if verbose else _silent
+    evaluator = COCOeval_faster(coco, coco.loadRes(results), iouType="bbox", print_function=print_function)
+    evaluator.params.imgIds = evaluated_ids
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    metrics = {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats, strict=True)}
+    if per_class:
+        metrics["map_per_class"] = _average_precision_per_class(evaluator)
+    return metrics
+
+
+def _average_precision_per_class(evaluator: COCOeval_faster) -> dict[int, float]:
+    """{category_id: mean of its valid precision entries over IoU and recall thresholds}, -1 if none."""
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]  # (T, R, K) at area "all", maxDets 100
+    per_class = {}
+    for index, category_id in enumerate(evaluator.params.catIds):
+        values = precision[:, :, index]
+        valid = values > -1
+        per_class[int(category_id)] = float(values[valid].mean()) if valid.any() else -1.0
+    return per_class
