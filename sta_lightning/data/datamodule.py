@@ -1,0 +1,289 @@
+"""COCODataModule: COCO-format detection data for Lightning (fit / validate / test / predict); DemoDataModule.
+
+Seeding: training augmentation is drawn per DataLoader worker from torch's per-iterator seed
+(``seed_worker``), so it differs across workers, epochs and ranks and repeats for a given ``seed_everything``
+seed; with ``num_workers=0`` ``set_epoch`` reseeds in-process. Workers are not persistent: ``set_epoch``
+changes the dataset in the main process (mosaic off for the last ``close_mosaic`` epochs), and only workers
+forked afresh for each epoch see that change.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+
+from sta_lightning.data import demo
+from sta_lightning.data.coco import DataWarning, load_coco_index, read_categories
+from sta_lightning.data.dataset import (
+    CocoDetectionDataset,
+    ImageFolderDataset,
+    augmentation_seed,
+    collate_detection,
+    list_image_files,
+    seed_worker,
+)
+from sta_lightning.data.transforms import TrainAugmentation
+
+_EVAL_STAGES = {"fit": "val", "validate": "val", "test": "test"}
+
+
+class COCODataModule(L.LightningDataModule):
+    """COCO instances data: images folders + annotation json per split, or images alone for prediction.
+
+    Args:
+        train_images, train_annotations: training image folder and instances json (needed by ``fit``).
+        val_images, val_annotations: validation split (needed by ``fit`` and ``validate``).
+        test_images, test_annotations: test split; ``test`` uses the validation split when they are not given.
+        predict_images: an image file, a folder of images, or a list of image files (needed by ``predict``).
+        image_size: input size S (square, a multiple of 32).
+        batch_size: images per batch and per device.
+        num_workers: DataLoader processes; None picks min(8, CPU count).
+        mosaic: probability of a 4-image mosaic per training sample.
+        close_mosaic: no mosaic in the last this many epochs.
+        degrees, translate, scale: affine rotation (+-degrees), translation (+-fraction of S), scale
+            (factor U[1 - scale, 1 + scale]).
+        hsv_h, hsv_s, hsv_v: colour jitter of hue (fraction of a turn), saturation and value (factor ranges).
+        fliplr: horizontal flip probability.
+        pin_memory: pin batches in page-locked memory (for GPU training).
+
+    Category ids of any range (COCO's 1..90 with gaps) map to class indices 0..K-1 in sorted id order;
+    ``num_classes``, ``class_names`` and ``category_ids`` are read from the val (else train, else test)
+    json at construction, so LightningCLI can link them to the model.
+    """
+
+    def __init__(
+        self,
+        train_images: str | None = None,
+        train_annotations: str | None = None,
+        val_images: str | None = None,
+        val_annotations: str | None = None,
+        test_images: str | None = None,
+        test_annotations: str | None = None,
+        predict_images: str | list[str] | None = None,
+        image_size: int = 640,
+        batch_size: int = 16,
+        num_workers: int | None = None,
+        mosaic: float = 1.0,
+        close_mosaic: int = 10,
+        degrees: float = 0.0,
+        translate: float = 0.1,
+        scale: float = 0.5,
+        hsv_h: float = 0.015,
+        hsv_s: float = 0.7,
+        hsv_v: float = 0.4,
+        fliplr: float = 0.5,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if image_size <= 0 or image_size % 32:
+            raise ValueError(
+                f"image_size must be a positive multiple of 32 (the largest stride), got {image_size}"
+            )
+        self.save_hyperparameters()
+        self.splits = {
+            "train": (train_images, train_annotations),
+            "val": (val_images, val_annotations),
+            "test": (test_images, test_annotations) if test_annotations else (val_images, val_annotations),
+        }
+        self.predict_images = predict_images
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+        self.mosaic = mosaic
+        self.close_mosaic = close_mosaic
+        self.augmentation_args = dict(
+            degrees=degrees,
+            translate=translate,
+            scale=scale,
+            hsv_h=hsv_h,
+            hsv_s=hsv_s,
+            hsv_v=hsv_v,
+            fliplr=fliplr,
+        )
+        self.pin_memory = pin_memory
+        self.datasets: dict[str, CocoDetectionDataset | ImageFolderDataset] = {}
+        self._categories = self._read_categories()
+
+    def _read_categories(self) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
+        """(category ids, names) of the first annotation file given (val, train, test), or None."""
+        for split in ("val", "train", "test"):
+            annotations = self.splits[split][1]
+            if annotations:
+                return read_categories(annotations)
+        return None
+
+    def _require_categories(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        if self._categories is None:
+            raise RuntimeError(
+                "the classes are unknown: this datamodule was given no annotation file "
+                "(set train_annotations or val_annotations)"
+            )
+        return self._categories
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._require_categories()[0])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._require_categories()[1])
+
+    @property
+    def category_ids(self) -> list[int]:
+        """COCO category id of each contiguous class index."""
+        return list(self._require_categories()[0])
+
+    @property
+    def val_annotation_file(self) -> str | None:
+        return self.annotation_file("validate")
+
+    def annotation_file(self, stage: str = "validate") -> str | None:
+        """The annotation json that evaluation of ``stage`` ('fit', 'validate' or 'test') reads."""
+        return self.splits[_EVAL_STAGES[stage]][1]
+
+    def evaluation_image_ids(self, stage: str = "validate") -> list[int]:
+        """COCO ids of the images that evaluation of ``stage`` covers (bad images left out); after setup."""
+        split = _EVAL_STAGES[stage]
+        if split not in self.datasets:
+            raise RuntimeError(f"call setup('{stage}') before asking for its image ids")
+        return [int(i) for i in self.datasets[split].index.image_ids]
+
+    @property
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    def _load_split(self, split: str, stage: str) -> CocoDetectionDataset:
+        images, annotations = self.splits[split]
+        if not images or not annotations:
+            needed = (
+                "test_images and test_annotations (or val_images and val_annotations)"
+                if split == "test"
+                else f"{split}_images and {split}_annotations"
+            )
+            raise ValueError(f"'{stage}' needs {needed}")
+        index = load_coco_index(annotations, images, scan_workers=max(1, self.num_workers))
+        expected_ids, _ = self._require_categories()
+        if index.category_ids != expected_ids:
+            raise ValueError(
+                f"{annotations}: its categories {list(index.category_ids)} differ from the ones the model "
+                f"was built for {list(expected_ids)} (read from the first annotation file given)"
+            )
+        if split != "train":
+            return CocoDetectionDataset(index, self.image_size)
+        augmentation = TrainAugmentation(self.image_size, **self.augmentation_args)
+        dataset = CocoDetectionDataset(index, self.image_size, augmentation, mosaic=self.mosaic)
+        dataset.rank = self._rank
+        dataset.reseed(augmentation_seed(torch.initial_seed(), dataset.rank))
+        return dataset
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.datasets["train"] = self._load_split("train", stage)
+            if self.splits["val"][1]:
+                self.datasets["val"] = self._load_split("val", stage)
+        elif stage in ("validate", "test"):
+            split = _EVAL_STAGES[stage]
+            self.datasets[split] = self._load_split(split, stage)
+        elif stage == "predict":
+            if not self.predict_images:
+                raise ValueError("'predict' needs predict_images: an image file, a folder or a list of files")
+            paths, bad = list_image_files(self.predict_images)
+            if bad:
+                examples = ", ".join(f"{path} ({reason})" for path, reason in bad[:5])
+                rank_zero_warn(
+                    f"{len(bad)} of {len(paths) + len(bad)} images to predict are missing, unreadable or "
+                    f"corrupt and are skipped. First: {examples}",
+                    category=DataWarning,
+                )
+            if not paths:
+                raise ValueError(f"no readable image to predict in {self.predict_images}")
+            self.datasets["predict"] = ImageFolderDataset(paths, self.image_size)
+
+    def set_epoch(self, epoch: int, max_epochs: int | None) -> None:
+        """Each training epoch start: mosaic off in the last ``close_mosaic`` epochs; reseed if no workers."""
+        dataset = self.datasets.get("train")
+        if dataset is None:
+            return
+        enabled = max_epochs is None or max_epochs < 0 or epoch < max_epochs - self.close_mosaic
+        if dataset.mosaic_enabled and not enabled and self.mosaic > 0:
+            rank_zero_info(f"Mosaic off from epoch {epoch} (the last {self.close_mosaic} epochs)")
+        dataset.mosaic_enabled = enabled
+        if self.num_workers == 0:
+            dataset.reseed(augmentation_seed(torch.initial_seed(), dataset.rank, epoch))
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError(f"the '{split}' data is not set up")
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate_detection,
+            worker_init_fn=seed_worker,
+            persistent_workers=False,  # set_epoch must reach freshly forked workers every epoch
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        # Lightning builds the first epoch's iterator before on_train_epoch_start: apply the epoch state now.
+        if self.trainer is not None:
+            self.set_epoch(self.trainer.current_epoch, self.trainer.max_epochs)
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", shuffle=False) if "val" in self.datasets else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", shuffle=False)
+
+
+class DemoDataModule(COCODataModule):
+    """The synthetic shapes of ``sta_lightning.data.demo`` under ``root``, generated by ``prepare_data``.
+
+    Args:
+        root: folder of the dataset (``train/``, ``val/``, ``annotations/``); generated when missing or made
+            with other settings.
+        num_train, num_val, seed: generator settings.
+        image_size, batch_size, **kwargs: as for COCODataModule (its augmentation and loader arguments).
+
+    The classes are fixed by the generator, so ``num_classes`` works before the files exist.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/demo",
+        num_train: int = 400,
+        num_val: int = 100,
+        seed: int = 0,
+        image_size: int = 320,
+        batch_size: int = 16,
+        **kwargs,
+    ) -> None:
+        self.root = Path(root)
+        self.generator_settings = dict(num_train=num_train, num_val=num_val, seed=seed)
+        super().__init__(
+            train_images=str(self.root / "train"),
+            train_annotations=str(demo.annotation_path(self.root, "train")),
+            val_images=str(self.root / "val"),
+            val_annotations=str(demo.annotation_path(self.root, "val")),
+            image_size=image_size,
+            batch_size=batch_size,
+            **kwargs,
+        )
+
+    def _read_categories(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        return demo.DEMO_CATEGORY_IDS, demo.DEMO_CLASS_NAMES
+
+    def prepare_data(self) -> None:
+        if not demo.demo_is_complete(self.root, **self.generator_settings):
+            rank_zero_info(f"Generating the demo dataset in {self.root}")
+            demo.generate_demo_dataset(self.root, **self.generator_settings)

@@ -1,0 +1,176 @@
+"""Datasets turning a CocoIndex (or image files) into letterboxed or augmented samples; the batch collate.
+
+A sample is a dict: ``image`` (3, S, S) uint8 RGB, ``boxes`` (n, 4) float32 xyxy input pixels, ``labels`` (n,)
+int64, ``image_id`` int, ``orig_size`` (h, w), ``scale`` float and ``pad`` (x, y) such that
+original = (box - pad) / scale. For augmented training samples ``scale`` is the long-side resize ratio and
+``pad`` is (0, 0): after mosaic and affine no single mapping back exists, and none is needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from sta_lightning.data.coco import CocoIndex, check_image_file
+from sta_lightning.data.transforms import TrainAugmentation, letterbox, read_image, resize_long_side
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _to_chw_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+class CocoDetectionDataset(Dataset):
+    """Images and targets of a CocoIndex at input size S: letterboxed, or augmented by ``augmentation``.
+
+    ``mosaic`` is the probability of a 4-image mosaic for a training sample; ``mosaic_enabled`` (set through
+    the datamodule's ``set_epoch``) switches it off for the last epochs. ``reseed`` seeds the augmentation and
+    the choice of mosaic partners; ``seed_worker`` calls it in every DataLoader worker.
+    """
+
+    def __init__(
+        self,
+        index: CocoIndex,
+        image_size: int,
+        augmentation: TrainAugmentation | None = None,
+        mosaic: float = 1.0,
+    ) -> None:
+        self.index = index
+        self.image_size = image_size
+        self.augmentation = augmentation
+        self.mosaic = mosaic
+        self.mosaic_enabled = True
+        self.rank = 0
+        self.rng = np.random.default_rng()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def reseed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        if self.augmentation is not None:
+            self.augmentation.reseed(seed)
+
+    def load_resized(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """Image i resized to long side S, its boxes (n, 4) in resized pixels, labels (n,), and the ratio."""
+        image = read_image(self.index.image_path(i))
+        image, ratio = resize_long_side(image, self.image_size)
+        boxes, labels = self.index.targets(i)
+        return image, boxes * np.float32(ratio), labels.copy(), ratio
+
+    def __getitem__(self, i: int) -> dict:
+        image, boxes, labels, ratio = self.load_resized(i)
+        if self.augmentation is None:
+            image, pad = letterbox(image, self.image_size)
+            boxes = boxes + np.asarray(pad * 2, dtype=np.float32)
+        else:
+            partners = None
+            if self.mosaic_enabled and self.mosaic > 0 and self.rng.random() < self.mosaic:
+                partners = [self.load_resized(int(j))[:3] for j in self.rng.integers(0, len(self), size=3)]
+            image, boxes, labels = self.augmentation(image, boxes, labels, partners)
+            pad = (0, 0)
+        return {
+            "image": _to_chw_tensor(image),
+            "boxes": torch.from_numpy(boxes),
+            "labels": torch.from_numpy(labels),
+            "image_id": int(self.index.image_ids[i]),
+            "orig_size": tuple(int(v) for v in self.index.sizes[i]),
+            "scale": ratio,
+            "pad": pad,
+        }
+
+
+class ImageFolderDataset(Dataset):
+    """Letterboxed images for prediction; ``image_id`` is the running index and ``path`` the file."""
+
+    def __init__(self, paths: list[Path], image_size: int) -> None:
+        self.paths = paths
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        image = read_image(self.paths[i], apply_exif_orientation=True)
+        orig_size = image.shape[:2]
+        image, ratio = resize_long_side(image, self.image_size)
+        image, pad = letterbox(image, self.image_size)
+        return {
+            "image": _to_chw_tensor(image),
+            "boxes": torch.zeros((0, 4), dtype=torch.float32),
+            "labels": torch.zeros((0,), dtype=torch.int64),
+            "image_id": i,
+            "orig_size": orig_size,
+            "scale": ratio,
+            "pad": pad,
+            "path": str(self.paths[i]),
+        }
+
+
+def list_image_files(source: str | Path | list[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Expand an image path, a folder (its image files, sorted) or a list of paths; split off unusable files.
+
+    Returns (usable paths, [(path, reason)] of the unusable ones). Raises FileNotFoundError for a missing
+    folder or path given directly, and ValueError when no image file is found.
+    """
+    sources = [source] if isinstance(source, (str, Path)) else list(source)
+    paths: list[Path] = []
+    for item in map(Path, sources):
+        if item.is_dir():
+            paths.extend(sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            paths.append(item)
+    if not paths:
+        raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) found in {source}")
+    reasons = {p: check_image_file(p) for p in paths}
+    good = [p for p in paths if reasons[p] is None]
+    bad = [(str(p), reasons[p]) for p in paths if reasons[p] is not None]
+    return good, bad
+
+
+def collate_detection(samples: list[dict]) -> dict:
+    """Stack samples into the batch of the shared contract.
+
+    ``images`` (B, 3, S, S) uint8; ``batch_idx`` (M,) int64, ``cls`` (M,) int64, ``bboxes`` (M, 4) float32
+    xyxy input pixels; ``image_ids`` (B,) int64; ``orig_sizes`` (B, 2) int64 (h, w); ``scales`` (B,) float32;
+    ``pads`` (B, 2) float32 (x, y); plus ``paths`` (list of str) for prediction samples.
+    """
+    counts = [len(s["labels"]) for s in samples]
+    batch = {
+        "images": torch.stack([s["image"] for s in samples]),
+        "batch_idx": torch.repeat_interleave(
+            torch.arange(len(samples)), torch.tensor(counts, dtype=torch.int64)
+        ),
+        "cls": torch.cat([s["labels"] for s in samples]).long(),
+        "bboxes": torch.cat([s["boxes"] for s in samples]).float().reshape(-1, 4),
+        "image_ids": torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),
+        "orig_sizes": torch.tensor([s["orig_size"] for s in samples], dtype=torch.int64),
+        "scales": torch.tensor([s["scale"] for s in samples], dtype=torch.float32),
+        "pads": torch.tensor([s["pad"] for s in samples], dtype=torch.float32),
+    }
+    if "path" in samples[0]:
+        batch["paths"] = [s["path"] for s in samples]
+    return batch
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: give this worker's augmentation its own seed.
+
+    albumentations 2.0.8 keeps a private RNG in each Compose that every forked worker copies, so without this
+    all workers, and every epoch (workers are forked again), repeat one sequence. torch.initial_seed() here is
+    the DataLoader's per-iterator base seed + worker id (drawn from torch's global RNG, so fixed by
+    seed_everything); the rank is mixed in because DDP ranks seeded alike would draw the same base seed.
+    """
+    info = get_worker_info()
+    dataset = info.dataset
+    if isinstance(dataset, CocoDetectionDataset):
+        dataset.reseed(augmentation_seed(torch.initial_seed(), dataset.rank))
+
+
+def augmentation_seed(base: int, rank: int, epoch: int = 0) -> int:
+    """A 32-bit seed mixing a base seed, the process rank and the epoch."""
+    return int(np.random.SeedSequence([base % 2**63, rank, epoch]).generate_state(1)[0])
