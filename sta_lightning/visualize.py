@@ -98,15 +98,15 @@ def draw_boundaries(
     return painted
 
 
-def blend_heatmap(
-    image: np.ndarray, heatmap: np.ndarray, cmap: str = "jet", alpha: float = 0.5
-) -> np.ndarray:
-    """Alpha-blend a colour-mapped (H, W) heatmap with values in [0, 1] over ``image`` (H, W, 3) uint8.
+def blend_heatmap(image: np.ndarray, heatmap: np.ndarray, cmap: str = "jet", alpha: float = 0.7) -> np.ndarray:
+    """Colour-map an (H, W) heatmap with values in [0, 1] over ``image`` (H, W, 3) uint8.
 
-    The colour scale is fixed to [0, 1] (association weights are probabilities), not stretched per map.
+    Each pixel's opacity is ``alpha * value``: the image shows through where the heatmap is 0.
     """
-    colored = colormaps[cmap](np.clip(heatmap, 0.0, 1.0))[..., :3] * 255.0
-    return (alpha * colored + (1.0 - alpha) * image).round().astype(np.uint8)
+    values = np.clip(heatmap, 0.0, 1.0)[..., None]
+    colored = colormaps[cmap](values[..., 0])[..., :3] * 255.0
+    opacity = alpha * values
+    return (opacity * colored + (1.0 - opacity) * image).round().astype(np.uint8)
 
 
 def draw_cell_outline(
@@ -136,7 +136,8 @@ def association_panel(
 
     image: (S, S, 3) uint8 letterboxed input; weights: (9, H, W) at feature resolution (stride S / H).
     First tile: boundaries of the hard assignment (nearest upsampling); then one tile per token: its soft
-    weight (bilinear upsampling) blended over the image, with the token's own cell outlined.
+    weight (bilinear upsampling), divided by its peak so that weak maps stay visible, blended over the image,
+    with the token's own cell outlined.
     """
     size = image.shape[:2]
     labels = resize_labels(hard_assignment(weights, grid, stoken_size), size)
@@ -145,6 +146,7 @@ def association_panel(
     cell_h, cell_w = stoken_size[0] * stride_y, stoken_size[1] * stride_x
     for token in tokens:
         heatmap = resize_heatmap(token_weight_map(weights, grid, stoken_size, token), size)
+        heatmap /= max(float(heatmap.max()), np.finfo(np.float32).tiny)
         row, col = divmod(token, grid[1])
         cell = (
             round(col * cell_w),

@@ -105,7 +105,7 @@ def test_association_panel_tiles(association):
     assert (hard_tile[label_boundaries(labels)] == (255, 255, 0)).all()
 
     heatmap = resize_heatmap(token_weight_map(weights, grid, stoken_size, tokens[0]), (52, 76))
-    expected = blend_heatmap(image, heatmap)
+    expected = blend_heatmap(image, heatmap / heatmap.max())
     tile = panel[:, 76:152]
     row, col = divmod(tokens[0], grid[1])
     y1, x1, y2, x2 = row * 16, col * 16, row * 16 + 15, col * 16 + 15  # the outlined cell
@@ -116,13 +116,14 @@ def test_association_panel_tiles(association):
     assert (tile[~interior] == 255).all()
 
 
-def test_blend_heatmap_uses_absolute_weight_scale():
-    image = np.zeros((2, 2, 3), dtype=np.uint8)
+def test_blend_heatmap_opacity_follows_value():
+    image = np.full((2, 2, 3), 100, dtype=np.uint8)
     heatmap = np.array([[0.0, 0.25], [0.5, 1.0]], dtype=np.float32)
     blended = blend_heatmap(image, heatmap, cmap="viridis", alpha=1.0)
-    np.testing.assert_array_equal(
-        blended, (colormaps["viridis"](heatmap)[..., :3] * 255).round().astype(np.uint8)
-    )
+    assert (blended[0, 0] == 100).all()  # value 0: the image untouched
+    np.testing.assert_array_equal(blended[1, 1], (np.asarray(colormaps["viridis"](1.0)[:3]) * 255).round())
+    colour = np.asarray(colormaps["viridis"](0.5)[:3]) * 255
+    np.testing.assert_array_equal(blended[1, 0], (0.5 * colour + 0.5 * 100).round())
 
 
 def test_draw_detections_paints_box_edges_only():

@@ -1,0 +1,31 @@
+#!/bin/bash
+# DDP training launched with torchrun (Lightning reads torchrun's environment: RANK, LOCAL_RANK, WORLD_SIZE,
+# MASTER_ADDR, MASTER_PORT).
+#
+# One machine, 4 GPUs:
+#   scripts/torchrun_train.sh configs/demo.yaml
+# Two machines (run the same command on each; HEAD_NODE = hostname or IP of one of them):
+#   NNODES=2 RDZV_ENDPOINT=HEAD_NODE:29500 scripts/torchrun_train.sh configs/demo.yaml
+# Extra arguments go to the LightningCLI, e.g. --trainer.max_epochs 100.
+set -euo pipefail
+
+CONFIG=${1:?usage: scripts/torchrun_train.sh CONFIG.yaml [extra LightningCLI args]}
+shift
+NNODES=${NNODES:-1}
+GPUS_PER_NODE=${GPUS_PER_NODE:-$(nvidia-smi --list-gpus | wc -l)}
+RDZV_ENDPOINT=${RDZV_ENDPOINT:-localhost:29500}
+
+export NO_ALBUMENTATIONS_UPDATE=1
+torchrun \
+    --nnodes "$NNODES" \
+    --nproc-per-node "$GPUS_PER_NODE" \
+    --rdzv-backend c10d \
+    --rdzv-endpoint "$RDZV_ENDPOINT" \
+    -m sta_lightning fit \
+    --config "$CONFIG" \
+    --trainer.accelerator gpu \
+    --trainer.devices "$GPUS_PER_NODE" \
+    --trainer.num_nodes "$NNODES" \
+    --trainer.strategy ddp \
+    --trainer.sync_batchnorm true \
+    "$@"

@@ -1,0 +1,86 @@
+"""Base for callbacks that run a fixed set of validation images through the detector and log what they see.
+
+During a validation run (every ``every_n_epochs`` training epochs, and always under ``trainer.validate``),
+right after the first validation batch, global rank 0 alone takes the first ``num_images`` images of the
+validation set and runs them through the plain detector ``pl_module.model`` in eval mode under
+``torch.no_grad``, then hands the results to ``log_samples``. Hooking into the validation loop (rather than
+after it) means the detector holds the weights being validated: the EMA weights when a ``WeightAveraging``
+callback such as ``ModelEMA`` swaps them in for validation, whatever the callback order. The forward bypasses
+the DDP wrapper and runs no collective, so the other ranks go on without waiting for rank 0; the detector's
+train/eval mode is restored afterwards.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
+
+
+class ValidationSamplesCallback(Callback):
+    """Every ``every_n_epochs`` epochs, ``log_samples`` for the first ``num_images`` validation images.
+
+    The LightningModule must hold its detector (a ``sta_lightning.models.YOLOv8``) as ``model``.
+    """
+
+    def __init__(self, num_images: int = 4, every_n_epochs: int = 1) -> None:
+        if num_images < 1:
+            raise ValueError(f"{type(self).__name__}: num_images must be >= 1, got {num_images}")
+        if every_n_epochs < 1:
+            raise ValueError(f"{type(self).__name__}: every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.num_images = num_images
+        self.every_n_epochs = every_n_epochs
+        self._samples: dict | None = None
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: object,
+        batch: object,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        samples = self._validation_samples(trainer)
+        detector = pl_module.model
+        with torch.no_grad(), evaluation_mode(detector):
+            self.log_samples(trainer, pl_module, detector, samples)
+
+    def log_samples(
+        self, trainer: Trainer, pl_module: LightningModule, detector: nn.Module, samples: dict
+    ) -> None:
+        """Render and log ``samples`` (a collated batch, see ``sta_lightning.data``) with the detector."""
+        raise NotImplementedError
+
+    def _validation_samples(self, trainer: Trainer) -> dict:
+        """The first ``num_images`` images of the (first) validation set as one collated CPU batch."""
+        if self._samples is None:
+            loaders = trainer.val_dataloaders
+            loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
+            count = min(self.num_images, len(loader.dataset))
+            self._samples = loader.collate_fn([loader.dataset[i] for i in range(count)])
+        return self._samples
+
+
+def detector_input(detector: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, S, S) images -> float [0, 1] on the detector's device and in its parameter dtype."""
+    parameter = next(detector.parameters())
+    return images.to(parameter.device).to(parameter.dtype) / 255.0
+
+
+@contextmanager
+def evaluation_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put ``module`` in eval mode for the block and give it back its previous train/eval mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)

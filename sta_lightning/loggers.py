@@ -1,0 +1,102 @@
+"""A W&B logger that never hangs or fails a training run: offline without credentials or network.
+
+Runs offline when ``offline=True``, when ``WANDB_MODE`` is offline/dryrun, or when no API key is found
+(``WANDB_API_KEY`` or a netrc entry for the W&B host). Online, ``wandb.init`` gets a short timeout and falls
+back to offline if it cannot reach the server. Offline runs print the ``wandb sync`` command to upload them.
+"""
+
+import netrc
+import os
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import wandb
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+
+DEFAULT_WANDB_HOST = "https://api.wandb.ai"
+
+
+def wandb_credentials_available() -> bool:
+    """True if W&B can authenticate without a prompt: ``WANDB_API_KEY`` or a netrc login for its host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", DEFAULT_WANDB_HOST)).hostname
+    netrc_file = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return netrc_file.is_file() and netrc.netrc(netrc_file).authenticators(host) is not None
+    except (netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_offline_requested() -> bool:
+    """True when the environment asks W&B for offline mode (``WANDB_MODE=offline`` or the old ``dryrun``)."""
+    return os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun")
+
+
+class OfflineFallbackWandbLogger(WandbLogger):
+    """Lightning's ``WandbLogger`` that switches to offline mode instead of failing or waiting for a login.
+
+    Arguments are those of ``WandbLogger`` (project, name, group, tags, save_dir, ... are passed on to
+    ``wandb.init``) plus ``init_timeout`` (seconds ``wandb.init`` may wait for the server when online).
+    ``log_model`` needs an online run; offline it is turned off with a warning (Lightning would raise).
+    """
+
+    def __init__(
+        self,
+        *,
+        offline: bool = False,
+        log_model: Literal["all"] | bool = False,
+        init_timeout: float = 30.0,
+        **kwargs: Any,
+    ) -> None:
+        go_offline = offline or wandb_offline_requested() or not wandb_credentials_available()
+        if go_offline and log_model:
+            rank_zero_warn(
+                f"W&B runs offline here, so log_model={log_model} is ignored (artifacts need a server)."
+            )
+            log_model = False
+        settings = kwargs.pop("settings", None) or wandb.Settings()
+        settings.init_timeout = init_timeout
+        settings.login_timeout = init_timeout
+        if go_offline:
+            kwargs["mode"] = "offline"
+        # The base class's own ``offline`` flag rewrites os.environ["WANDB_MODE"] for the whole process; the
+        # ``mode`` init argument keeps the choice to this run.
+        super().__init__(offline=False, log_model=log_model, settings=settings, **kwargs)
+        self._sync_hint_printed = False
+
+    @property
+    def offline(self) -> bool:
+        """Whether this run writes only to the local disk (to be uploaded later with ``wandb sync``)."""
+        return self._wandb_init.get("mode") == "offline"
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        """The ``wandb`` run, created on first use (global rank 0); offline if the server is unreachable."""
+        if self._experiment is None and not self.offline:
+            try:
+                return super().experiment
+            except wandb.errors.CommError as error:
+                rank_zero_warn(f"W&B server unreachable ({error}); logging this run offline instead.")
+                wandb.finish()
+                self._wandb_init["mode"] = "offline"
+                self._log_model = False
+        run = super().experiment
+        if self.offline and not self._sync_hint_printed:
+            self._sync_hint_printed = True
+            rank_zero_info(f"W&B is offline. Upload this run later with: {self.sync_command()}")
+        return run
+
+    def sync_command(self) -> str:
+        """The shell command that uploads this offline run (its ``offline-run-*`` folder) to W&B."""
+        return f"wandb sync {Path(self.experiment.dir).parent}"
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if self.offline and self._experiment is not None:
+            rank_zero_info(f"W&B run stored offline. Upload it with: {self.sync_command()}")
