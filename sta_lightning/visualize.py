@@ -98,7 +98,9 @@ def draw_boundaries(
     return painted
 
 
-def blend_heatmap(image: np.ndarray, heatmap: np.ndarray, cmap: str = "jet", alpha: float = 0.7) -> np.ndarray:
+def blend_heatmap(
+    image: np.ndarray, heatmap: np.ndarray, cmap: str = "jet", alpha: float = 0.7
+) -> np.ndarray:
     """Colour-map an (H, W) heatmap with values in [0, 1] over ``image`` (H, W, 3) uint8.
 
     Each pixel's opacity is ``alpha * value``: the image shows through where the heatmap is 0.
