@@ -16,19 +16,23 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
-DEFAULT_WANDB_HOST = "https://api.wandb.ai"
-
 
 def wandb_credentials_available() -> bool:
-    """True if W&B can authenticate without a prompt: ``WANDB_API_KEY`` or a netrc login for its host."""
-    if os.environ.get("WANDB_API_KEY"):
+    """True if W&B can authenticate without a prompt: ``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE``, or a
+    netrc login (``$NETRC``, ``~/.netrc`` or ``~/_netrc``, as ``wandb login`` writes) for the W&B server host
+    (``WANDB_BASE_URL`` or wandb's default). Reads only local state: no network."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", DEFAULT_WANDB_HOST)).hostname
-    netrc_file = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        return netrc_file.is_file() and netrc.netrc(netrc_file).authenticators(host) is not None
-    except (netrc.NetrcParseError, OSError):
-        return False
+    host = urlparse(wandb.Settings().base_url).hostname
+    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
+    for candidate in candidates:
+        netrc_file = Path(candidate).expanduser()
+        try:
+            if netrc_file.is_file() and netrc.netrc(netrc_file).authenticators(host) is not None:
+                return True
+        except (netrc.NetrcParseError, OSError):
+            continue
+    return False
 
 
 def wandb_offline_requested() -> bool:
@@ -66,6 +70,8 @@ class OfflineFallbackWandbLogger(WandbLogger):
         # The base class's own ``offline`` flag rewrites os.environ["WANDB_MODE"] for the whole process; the
         # ``mode`` init argument keeps the choice to this run.
         super().__init__(offline=False, log_model=log_model, settings=settings, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)  # Lightning passes None, which makes wandb warn
         self._sync_hint_printed = False
 
     @property

@@ -4,7 +4,6 @@ from collections.abc import Sequence
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
 
 from sta_lightning.callbacks.image_logging import log_images
 from sta_lightning.callbacks.validation_samples import ValidationSamplesCallback, detector_input
@@ -43,9 +42,8 @@ class AttentionMapsCallback(ValidationSamplesCallback):
         self.cmap = cmap
         self.key = key
 
-    def log_samples(
-        self, trainer: Trainer, pl_module: LightningModule, detector: nn.Module, samples: dict
-    ) -> None:
+    def log_samples(self, trainer: Trainer, pl_module: LightningModule, samples: dict) -> None:
+        detector = pl_module.model
         with detector.capture_associations() as associations:
             detector(detector_input(detector, samples["images"]))
         if not associations:

@@ -40,8 +40,9 @@ def per_class_rows(
 class COCOMetricTableCallback(Callback):
     """After each validation, W&B tables of the COCO statistics and per-class AP; ``best/mAP`` in the summary.
 
-    Reads the metrics dict that the module's last validation computed (``pl_module.coco_metrics``: the 12
-    ``evaluate_coco`` keys plus "map_per_class"); only W&B loggers get tables. Logged on global rank 0 only
+    Reads the metrics dict that the module's last validation computed (``DetectionModule.coco_metrics``: the
+    12 ``evaluate_coco`` keys plus "map_per_class"; class names and category ids from the module too); only
+    W&B loggers get tables. Logged on global rank 0 only
     (every rank holds the same metrics). Tables: ``<key>`` with columns metric, description, value (12 rows)
     and ``<key>_per_class`` with class_index, category_id, class, AP. The best mAP and its epoch survive a
     resume from checkpoint (callback state).
@@ -63,10 +64,7 @@ class COCOMetricTableCallback(Callback):
         for logger in wandb_loggers:
             logger.log_table(self.key, ["metric", "description", "value"], coco_stat_rows(metrics), step=step)
             if "map_per_class" in metrics:
-                datamodule = trainer.datamodule
-                rows = per_class_rows(
-                    metrics["map_per_class"], datamodule.category_ids, datamodule.class_names
-                )
+                rows = per_class_rows(metrics["map_per_class"], pl_module.category_ids, pl_module.class_names)
                 logger.log_table(
                     f"{self.key}_per_class", ["class_index", "category_id", "class", "AP"], rows, step=step
                 )

@@ -4,12 +4,10 @@ from collections.abc import Sequence
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from torch import nn
 from torchvision.ops import clip_boxes_to_image
 
 from sta_lightning.callbacks.image_logging import log_images
-from sta_lightning.callbacks.validation_samples import ValidationSamplesCallback, detector_input
-from sta_lightning.models import non_max_suppression
+from sta_lightning.callbacks.validation_samples import ValidationSamplesCallback
 
 
 def wandb_box_group(
@@ -36,16 +34,6 @@ def wandb_box_group(
             entry["scores"] = {"conf": score}
         box_data.append(entry)
     return {"box_data": box_data, "class_labels": dict(enumerate(class_names))}
-
-
-def dataset_class_names(trainer: Trainer, num_classes: int) -> list[str]:
-    """The datamodule's ``class_names`` when it has them (and they fit the detector), else "0", "1", ..."""
-    names = getattr(trainer.datamodule, "class_names", None)
-    return (
-        list(names)
-        if names is not None and len(names) == num_classes
-        else [str(i) for i in range(num_classes)]
-    )
 
 
 class PredictionImagesCallback(ValidationSamplesCallback):
@@ -83,24 +71,21 @@ class PredictionImagesCallback(ValidationSamplesCallback):
         self.max_det = max_det
         self.key = key
 
-    def log_samples(
-        self, trainer: Trainer, pl_module: LightningModule, detector: nn.Module, samples: dict
-    ) -> None:
-        decoded, _ = detector(detector_input(detector, samples["images"]))
-        detections = non_max_suppression(
-            decoded.float(),
+    def log_samples(self, trainer: Trainer, pl_module: LightningModule, samples: dict) -> None:
+        detections = pl_module.predict_batch(
+            samples["images"],
             conf_threshold=self.conf_threshold,
             iou_threshold=self.iou_threshold,
             max_det=self.max_det,
             multi_label=False,
         )
-        names = dataset_class_names(trainer, detector.num_classes)
+        names = pl_module.class_names
         images = list(samples["images"].permute(0, 2, 3, 1).cpu().numpy())
         boxes, captions = [], []
         for index, (image_id, predicted) in enumerate(
             zip(samples["image_ids"].tolist(), detections, strict=True)
         ):
-            predicted = predicted.cpu()
+            predicted = predicted.float().cpu()
             shown = clip_boxes_to_image(predicted[:, :4], images[index].shape[:2])
             own = samples["batch_idx"] == index
             boxes.append(

@@ -22,7 +22,7 @@ from torch import nn
 class ValidationSamplesCallback(Callback):
     """Every ``every_n_epochs`` epochs, ``log_samples`` for the first ``num_images`` validation images.
 
-    The LightningModule must hold its detector (a ``sta_lightning.models.YOLOv8``) as ``model``.
+    For a ``sta_lightning.training.DetectionModule`` (or any module holding its ``YOLOv8`` as ``model``).
     """
 
     def __init__(self, num_images: int = 4, every_n_epochs: int = 1) -> None:
@@ -49,14 +49,11 @@ class ValidationSamplesCallback(Callback):
         if fitting and (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         samples = self._validation_samples(trainer)
-        detector = pl_module.model
-        with torch.no_grad(), evaluation_mode(detector):
-            self.log_samples(trainer, pl_module, detector, samples)
+        with torch.no_grad(), evaluation_mode(pl_module.model):
+            self.log_samples(trainer, pl_module, samples)
 
-    def log_samples(
-        self, trainer: Trainer, pl_module: LightningModule, detector: nn.Module, samples: dict
-    ) -> None:
-        """Render and log ``samples`` (a collated batch, see ``sta_lightning.data``) with the detector."""
+    def log_samples(self, trainer: Trainer, pl_module: LightningModule, samples: dict) -> None:
+        """Run ``samples`` (a collated batch, see ``sta_lightning.data``) through the detector; log it."""
         raise NotImplementedError
 
     def _validation_samples(self, trainer: Trainer) -> dict:
