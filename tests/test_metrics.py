@@ -12,7 +12,7 @@ from pycocotools.coco import COCO as ReferenceCOCO
 from pycocotools.cocoeval import COCOeval as ReferenceCOCOeval
 
 import sta_lightning.metrics.evaluator as evaluator_module
-from sta_lightning.metrics import STAT_NAMES, COCOEvaluator, evaluate_coco
+from sta_lightning.metrics import STAT_NAMES, COCOEvaluator, evaluate_coco, load_coco_annotations
 
 # Non-contiguous, like COCO's 1..90 with gaps; the last one never has ground truth.
 SYNTHETIC_CATEGORY_IDS = (1, 3, 7, 18, 44, 90)
@@ -182,10 +182,13 @@ def test_empty_detections_give_zeros(coco128_fake_results):
 def test_silent_unless_verbose(tmp_path, capsys):
     annotation_file = tmp_path / "instances.json"
     detections = write_synthetic_coco(annotation_file, seed=3, num_images=5)
-    evaluate_coco(annotation_file, detections)
+    annotations = load_coco_annotations(annotation_file)  # reused, as COCOEvaluator does
+    evaluate_coco(annotations, detections)
     assert capsys.readouterr().out == ""
-    evaluate_coco(annotation_file, detections, verbose=True)
+    evaluate_coco(annotations, detections, verbose=True)
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in capsys.readouterr().out
+    evaluate_coco(annotations, detections)
+    assert capsys.readouterr().out == ""
 
 
 def test_annotation_file_errors_name_the_file(tmp_path):

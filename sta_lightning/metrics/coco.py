@@ -1,4 +1,5 @@
-"""Exact COCO bbox evaluation with faster-coco-eval (same numbers as pycocotools' COCOeval, ~8x faster).
+"""Exact COCO bbox evaluation with faster-coco-eval (same numbers as pycocotools' COCOeval, several
+times faster: benchmarks/metrics.py).
 
 Stats follow COCOeval: AP/AR in [0, 1]; -1 where a value is undefined (no ground truth in that area range,
 or for a category without ground truth in the evaluated images).
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -92,12 +93,12 @@ def detections_to_array(detections: np.ndarray | Sequence[dict]) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64).reshape(-1, 7)
 
 
-def _check_known_ids(ids: Iterable[float], known: Iterable[int], what: str, source: str) -> None:
+def _check_known_ids(ids: np.ndarray | Sequence[int], known: Container[int], what: str, source: str) -> None:
     """Raise ValueError naming up to 10 ids that are not integers or not among the annotation file's ids."""
-    unique = np.unique(np.asarray(list(ids), dtype=np.float64))
+    unique = np.unique(np.asarray(ids, dtype=np.float64))
     unknown = [value for value in unique.tolist() if value != int(value) or int(value) not in known]
     if unknown:
-        shown = ", ".join(f"{value:g}" for value in unknown[:10])
+        shown = ", ".join(f"{value:.15g}" for value in unknown[:10])
         raise ValueError(f"{len(unknown)} {what} not in COCO annotations {source}: {shown}")
 
 
@@ -142,14 +143,9 @@ def evaluate_coco(
             raise ValueError("image_ids is empty: there is no image to evaluate")
         _check_known_ids(evaluated_ids, coco.imgs, "image_ids", source)
 
-    # Built here rather than with COCO.loadNumpyAnnotations: one tolist() is several times faster than its
-    # per-element numpy indexing on COCO val's ~1.5M detections, with the same float64 values.
-    results = [
-        {"image_id": int(row[0]), "bbox": row[1:5], "score": row[5], "category_id": int(row[6])}
-        for row in array.tolist()
-    ]
     print_function = print if verbose else _silent
-    evaluator = COCOeval_faster(coco, coco.loadRes(results), iouType="bbox", print_function=print_function)
+    coco.print_function = print_function  # COCOeval(print_function=print) sets it on coco for good otherwise
+    evaluator = COCOeval_faster(coco, coco.loadRes(array), iouType="bbox", print_function=print_function)
     evaluator.params.imgIds = evaluated_ids
     evaluator.evaluate()
     evaluator.accumulate()
