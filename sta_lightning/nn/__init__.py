@@ -2,3 +2,4 @@
 
 from sta_lightning.nn.sta import StokenAssociation, StokenAttention  # noqa: F401
 from sta_lightning.nn.sta_block import STABlock  # noqa: F401
+from sta_lightning.nn.yolo_blocks import SPPF, C2f, Concat, Conv  # noqa: F401
