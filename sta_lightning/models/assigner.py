@@ -116,8 +116,9 @@ class TaskAlignedAssigner:
         best_alignment = alignment.amax(-1, keepdim=True)  # (B, M, 1)
         best_overlap = (overlaps * selected).amax(-1, keepdim=True)
         normalised = (alignment * best_overlap / (best_alignment + self.eps)).amax(1)  # (B, N)
-        target_scores = torch.nn.functional.one_hot(target_labels, self.num_classes).to(pred_scores.dtype)
-        target_scores = target_scores * (normalised * foreground).unsqueeze(-1)
+        target_scores = torch.zeros_like(pred_scores).scatter_(
+            -1, target_labels.unsqueeze(-1), (normalised * foreground).unsqueeze(-1)
+        )
         return Assignment(boxes=target_boxes, scores=target_scores, foreground=foreground)
 
     def _centres_inside(self, anchor_points: Tensor, gt_boxes: Tensor) -> Tensor:
@@ -126,7 +127,8 @@ class TaskAlignedAssigner:
             centres = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2
             half_sides = ((gt_boxes[..., 2:] - gt_boxes[..., :2]) / 2).clamp(min=self.min_box_side / 2)
             gt_boxes = torch.cat((centres - half_sides, centres + half_sides), -1)
-        top_left = gt_boxes[..., None, :2]
-        bottom_right = gt_boxes[..., None, 2:]
-        margins = torch.cat((anchor_points - top_left, bottom_right - anchor_points), -1)  # (B, M, N, 4)
-        return margins.amin(-1) > self.eps
+        # Smallest of the four margins (B, M, N), taken per axis to avoid a (B, M, N, 4) tensor.
+        x, y = anchor_points.unbind(-1)
+        margin_x = torch.minimum(x - gt_boxes[..., 0:1], gt_boxes[..., 2:3] - x)
+        margin_y = torch.minimum(y - gt_boxes[..., 1:2], gt_boxes[..., 3:4] - y)
+        return torch.minimum(margin_x, margin_y) > self.eps

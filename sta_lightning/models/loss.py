@@ -94,10 +94,12 @@ class YOLOv8Loss(nn.Module):
             )
         batch_size = preds[0].shape[0]
         device = preds[0].device
-        # (B, N, 4 * reg_max + C) in float32 whatever the autocast dtype of the head.
-        flat = torch.cat([p.flatten(2) for p in preds], 2).transpose(1, 2).float()
-        dist_logits, cls_logits = flat.split((4 * self.reg_max, self.num_classes), -1)
-        num_anchors = flat.shape[1]
+        # (B, N, 4 * reg_max) and (B, N, C), contiguous, in float32 whatever the autocast dtype of the head.
+        flat = torch.cat([p.flatten(2) for p in preds], 2).float()
+        dist_logits, cls_logits = (
+            part.transpose(1, 2).contiguous() for part in flat.split((4 * self.reg_max, self.num_classes), 1)
+        )
+        num_anchors = flat.shape[2]
 
         points, stride = make_anchors([p.shape[-2:] for p in preds], self.strides)
         points, stride = points.to(device), stride.to(device)
