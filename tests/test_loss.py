@@ -219,3 +219,12 @@ def test_min_box_side_gives_a_tiny_box_anchors(min_box_side, expected_foreground
     preds = _random_preds(batch_size=1)
     _, items = YOLOv8Loss(NUM_CLASSES, min_box_side=min_box_side)(preds, _targets([(0, 0, [29, 29, 35, 35])]))
     assert (items[0] > 0) == bool(expected_foreground)
+
+
+@pytest.mark.parametrize(
+    ("image", "cls", "message"),
+    [(0, NUM_CLASSES, r"targets\['cls'\] must lie in \[0, 3\)"), (2, 0, r"targets\['batch_idx'\] must lie")],
+)
+def test_bad_targets_raise_a_clear_error(image, cls, message):
+    with pytest.raises(ValueError, match=message):
+        YOLOv8Loss(NUM_CLASSES)(_random_preds(batch_size=2), _targets([(image, cls, [1.0, 2.0, 30.0, 40.0])]))

@@ -92,6 +92,11 @@ class YOLOv8Loss(nn.Module):
                 f"YOLOv8Loss: prediction maps need {expected_channels} channels (4 * {self.reg_max} DFL + "
                 f"{self.num_classes} classes), got {[p.shape[1] for p in preds]}"
             )
+        classes = targets["cls"]
+        if classes.numel() and (classes.min() < 0 or classes.max() >= self.num_classes):
+            raise ValueError(
+                f"targets['cls'] must lie in [0, {self.num_classes}), got {classes.unique().tolist()}"
+            )
         batch_size = preds[0].shape[0]
         device = preds[0].device
         # (B, N, 4 * reg_max) and (B, N, C), contiguous, in float32 whatever the autocast dtype of the head.
