@@ -23,7 +23,7 @@ def wandb_credentials_available() -> bool:
     (``WANDB_BASE_URL`` or wandb's default). Reads only local state: no network."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = urlparse(wandb.Settings().base_url).hostname
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url).hostname
     candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
     for candidate in candidates:
         netrc_file = Path(candidate).expanduser()
@@ -77,6 +77,8 @@ class OfflineFallbackWandbLogger(WandbLogger):
     @property
     def offline(self) -> bool:
         """Whether this run writes only to the local disk (to be uploaded later with ``wandb sync``)."""
+        if self._experiment is not None and hasattr(self._experiment, "settings"):
+            return self._experiment.settings.mode == "offline"  # e.g. WANDB_MODE=offline with mode unset
         return self._wandb_init.get("mode") == "offline"
 
     @property
