@@ -1,0 +1,80 @@
+"""Render docs/attention_maps.png and docs/predictions.png from a trained checkpoint and the demo data.
+
+    python scripts/render_docs_images.py runs/demo/.../checkpoints/last.ckpt [--data-root data/demo] [--out docs]
+
+Runs ``trainer.validate`` on the first validation batch with the tracking callbacks and no image logger, so the
+callbacks write their PNG files (exactly what W&B / TensorBoard would show), then tiles them:
+- attention_maps.png: for the first validation image, one strip per super-token STA block (hard assignment
+  boundaries, then the soft weights of four super tokens), blocks from top to bottom;
+- predictions.png: the first ``--num-images`` validation images side by side, predictions (score >= 0.25) in
+  green, ground truth in red.
+"""
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.loggers import CSVLogger
+from PIL import Image
+
+from sta_lightning.callbacks import AttentionMapsCallback, PredictionImagesCallback
+from sta_lightning.data import DemoDataModule
+from sta_lightning.training import DetectionModule
+
+
+def read_pngs(folder: Path) -> list[np.ndarray]:
+    """The callback's PNG files of one key, in image order (file names end with the image index)."""
+    files = sorted(folder.glob("*.png"), key=lambda path: int(path.stem.rsplit("_", 1)[1]))
+    if not files:
+        raise FileNotFoundError(f"no images were written to {folder}")
+    return [np.asarray(Image.open(file).convert("RGB")) for file in files]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument(
+        "--data-root",
+        default="data/demo",
+        help="the demo dataset (DemoDataModule defaults; generated if missing)",
+    )
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--num-images", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    args = parser.parse_args()
+
+    module = DetectionModule.load_from_checkpoint(args.checkpoint, map_location="cpu")
+    datamodule = DemoDataModule(
+        root=args.data_root, image_size=args.image_size, batch_size=args.num_images, num_workers=0
+    )
+    with tempfile.TemporaryDirectory() as log_root:
+        trainer = L.Trainer(
+            accelerator="cpu",
+            logger=CSVLogger(log_root),
+            callbacks=[
+                AttentionMapsCallback(num_images=args.num_images),
+                PredictionImagesCallback(num_images=args.num_images),
+            ],
+            limit_val_batches=1,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.validate(module, datamodule)
+        images = Path(trainer.log_dir) / "images" / "val"
+        blocks = sorted(path.name for path in (images / "attention").iterdir())
+        strips = [read_pngs(images / "attention" / block)[0] for block in blocks]
+        predictions = read_pngs(images / "predictions")
+    args.out.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(strips, axis=0)).save(args.out / "attention_maps.png")
+    Image.fromarray(np.concatenate(predictions, axis=1)).save(args.out / "predictions.png")
+    print(
+        f"wrote {args.out / 'attention_maps.png'} (blocks {', '.join(blocks)}) and {args.out / 'predictions.png'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
