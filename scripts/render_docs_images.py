@@ -1,9 +1,9 @@
 """Render docs/attention_maps.png and docs/predictions.png from a trained checkpoint and the demo data.
 
-    python scripts/render_docs_images.py runs/demo/.../checkpoints/last.ckpt [--data-root data/demo] [--out docs]
+    python scripts/render_docs_images.py CHECKPOINT [--data-root data/demo] [--out docs]
 
-Runs ``trainer.validate`` on the first validation batch with the tracking callbacks and no image logger, so the
-callbacks write their PNG files (exactly what W&B / TensorBoard would show), then tiles them:
+Runs ``trainer.validate`` on the first validation batch with the tracking callbacks and no image logger, so
+the callbacks write their PNG files (exactly what W&B / TensorBoard would show), then tiles them:
 - attention_maps.png: for the first validation image, one strip per super-token STA block (hard assignment
   boundaries, then the soft weights of four super tokens), blocks from top to bottom;
 - predictions.png: the first ``--num-images`` validation images side by side, predictions (score >= 0.25) in
@@ -71,9 +71,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(strips, axis=0)).save(args.out / "attention_maps.png")
     Image.fromarray(np.concatenate(predictions, axis=1)).save(args.out / "predictions.png")
-    print(
-        f"wrote {args.out / 'attention_maps.png'} (blocks {', '.join(blocks)}) and {args.out / 'predictions.png'}"
-    )
+    print(f"wrote attention_maps.png (blocks {', '.join(blocks)}) and predictions.png to {args.out}")
 
 
 if __name__ == "__main__":
