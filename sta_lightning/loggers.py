@@ -101,7 +101,7 @@ class OfflineFallbackWandbLogger(WandbLogger):
 
     def sync_command(self) -> str:
         """The shell command that uploads this offline run (its ``offline-run-*`` folder) to W&B."""
-        return f"wandb sync {Path(self.experiment.dir).parent}"
+        return f"wandb sync {Path(self.experiment.dir).parent.resolve()}"
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
