@@ -3,6 +3,7 @@ offline W&B logger and the three tracking callbacks: one W&B run, images logged 
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,7 @@ SCRIPT = """
 import json, sys
 from pathlib import Path
 
+from lightning.pytorch.loggers import CSVLogger
 from sta_lightning.callbacks import WandbSaveConfigCallback
 from sta_lightning.cli import STALightningCLI
 from sta_lightning.data import COCODataModule
@@ -44,6 +46,9 @@ if cli.trainer.is_global_zero:
     result["config"] = dict(experiment.config)
     result["best_map"] = experiment.summary["best/mAP"]
     result["run_dir"] = str(Path(experiment.dir).parent)
+# Without an image logger the callbacks write PNG files on rank 0: a collective there would hang this.
+cli.trainer.loggers = [CSVLogger(out / "csv")]
+cli.trainer.validate(cli.model, cli.datamodule)
 (out / f"rank{cli.trainer.global_rank}.json").write_text(json.dumps(result))
 """
 
@@ -105,15 +110,23 @@ def test_two_process_ddp_fit_and_validate_log_one_run(tmp_path):
     script = tmp_path / "ddp_tracking.py"
     script.write_text(textwrap.dedent(SCRIPT))
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
+    # Own process group, so that a hang kills both ranks (rank 1 is rank 0's child).
+    process = subprocess.Popen(
         [sys.executable, str(script), str(config_file), str(tmp_path)],
         cwd=tmp_path,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
+        start_new_session=True,
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError("the DDP run hung (a collective on one rank only?)\n" + stderr[-5000:]) from None
+    assert process.returncode == 0, stdout[-3000:] + stderr[-5000:]
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
 
@@ -121,7 +134,7 @@ def test_two_process_ddp_fit_and_validate_log_one_run(tmp_path):
     assert rank0["experiment"] == "Run" and rank1["experiment"] != "Run"
     runs = sorted(path.name for path in (tmp_path / "wandb").glob("*run-*"))
     assert runs == [Path(rank0["run_dir"]).name] and runs[0].startswith("offline-run-")
-    assert "wandb sync " + rank0["run_dir"] in done.stdout + done.stderr
+    assert "wandb sync " + rank0["run_dir"] in stdout + stderr
 
     # fit's validation and validate each logged the sample images once (rank 0), never per rank
     media = Path(rank0["run_dir"]) / "files" / "media"
@@ -129,6 +142,8 @@ def test_two_process_ddp_fit_and_validate_log_one_run(tmp_path):
         assert len(list((media / "images" / "val" / "attention").glob(f"{block}_*.png"))) == 2 * NUM_SHOWN
     assert len(list((media / "images" / "val").glob("predictions_*.png"))) == 2 * NUM_SHOWN
     assert len(list((media / "table" / "val").glob("coco_[0-9]*.table.json"))) == 2
+    pngs = sorted(path.relative_to(tmp_path / "csv") for path in (tmp_path / "csv").rglob("*.png"))
+    assert len(pngs) == NUM_SHOWN * (len(BLOCKS) + 1), pngs
 
     # every rank evaluated the same metrics; the best is in the run summary
     assert rank0["maps"] == rank1["maps"]

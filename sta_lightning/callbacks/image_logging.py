@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from lightning.pytorch import Trainer
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 
 from sta_lightning.visualize import draw_detections
@@ -45,12 +45,23 @@ def log_images(
                 logger.experiment.add_image(f"{key}/{index}", image, step, dataformats="HWC")
             handled = True
     if not handled:
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "images" / _safe_name(key)
+        folder = Path(_run_folder(trainer)) / "images" / _safe_name(key)
         folder.mkdir(parents=True, exist_ok=True)
         for index, image in enumerate(_static_images(images, boxes)):
             Image.fromarray(image).save(
                 folder / f"epoch{trainer.current_epoch:03d}_step{step:06d}_{index}.png"
             )
+
+
+def _run_folder(trainer: Trainer) -> str:
+    """``trainer.log_dir`` computed locally: that property broadcasts, a collective that rank 0 alone would
+    wait on forever."""
+    if trainer.loggers:
+        first = trainer.loggers[0]
+        folder = first.log_dir if isinstance(first, TensorBoardLogger | CSVLogger) else first.save_dir
+        if folder is not None:
+            return folder
+    return trainer.default_root_dir
 
 
 def _static_images(images: Sequence[np.ndarray], boxes: Sequence[dict] | None) -> list[np.ndarray]:
