@@ -32,7 +32,7 @@ class ValidationSamplesCallback(Callback):
             raise ValueError(f"{type(self).__name__}: every_n_epochs must be >= 1, got {every_n_epochs}")
         self.num_images = num_images
         self.every_n_epochs = every_n_epochs
-        self._samples: dict | None = None
+        self._samples: tuple[object, dict] | None = None  # (dataset, its collated first images)
 
     def on_validation_batch_end(
         self,
@@ -57,13 +57,14 @@ class ValidationSamplesCallback(Callback):
         raise NotImplementedError
 
     def _validation_samples(self, trainer: Trainer) -> dict:
-        """The first ``num_images`` images of the (first) validation set as one collated CPU batch."""
-        if self._samples is None:
-            loaders = trainer.val_dataloaders
-            loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
+        """The first ``num_images`` images of the (first) validation set as one collated CPU batch, built once
+        per dataset (a later ``validate`` on other data gets its own)."""
+        loaders = trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
+        if self._samples is None or self._samples[0] is not loader.dataset:
             count = min(self.num_images, len(loader.dataset))
-            self._samples = loader.collate_fn([loader.dataset[i] for i in range(count)])
-        return self._samples
+            self._samples = (loader.dataset, loader.collate_fn([loader.dataset[i] for i in range(count)]))
+        return self._samples[1]
 
 
 def detector_input(detector: nn.Module, images: torch.Tensor) -> torch.Tensor:
