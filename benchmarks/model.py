@@ -115,19 +115,28 @@ def compare_train_steps(steps: int, batch: int, size: int) -> None:
     reference = reference_train_step(images, targets)
     if reference is not None:
         variants["reference (ultralytics)"] = reference
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     for round_index in range(steps + 2):  # two warm-up rounds, then interleaved timed rounds
         for name, step in variants.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step()
             if round_index >= 2:
-                times[name].append(time.perf_counter() - start)
-    medians = {name: 1e3 * statistics.median(values) for name, values in times.items()}
-    print(f"\nTrain step, YOLOv8-n, batch {batch} at {size} px, median of {steps} interleaved steps:\n")
-    print("| variant | ms/step | img/s | vs plain |")
-    print("|---|---|---|---|")
-    for name, ms in medians.items():
-        print(f"| {name} | {ms:.0f} | {batch / ms * 1e3:.1f} | {ms / medians['plain']:.2f}x |")
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    wall_ms = {name: 1e3 * statistics.median(values) for name, values in wall.items()}
+    cpu_ms = {name: 1e3 * statistics.median(values) for name, values in cpu.items()}
+    print(f"\nTrain step, YOLOv8-n, batch {batch} at {size} px, median of {steps} interleaved steps")
+    print(
+        "(process CPU time is less disturbed by other load than wall time; --threads 1 measures the work):\n"
+    )
+    print("| variant | wall ms/step | img/s | vs plain | CPU ms/step | vs plain |")
+    print("|---|---|---|---|---|---|")
+    for name, ms in wall_ms.items():
+        print(
+            f"| {name} | {ms:.0f} | {batch / ms * 1e3:.1f} | {ms / wall_ms['plain']:.2f}x "
+            f"| {cpu_ms[name]:.0f} | {cpu_ms[name] / cpu_ms['plain']:.2f}x |"
+        )
 
 
 def compare_scales(scales: list[str], size: int, repeats: int | None) -> None:

@@ -248,8 +248,9 @@ def test_sta_placements_build_from_yaml():
     parser.add_class_arguments(YOLOv8, "model")
     config = parser.parse_string(
         "model:\n  scale: n\n  num_classes: 3\n  sta:\n"
-        "    - {layer: 4, stoken_size: [8, 8]}\n    - {layer: 6, stoken_size: [4, 4]}\n"
-        "    - {layer: 8, stoken_size: [1, 1]}\n"
+        "    - {layer: 4, stoken_size: [8, 8], mlp_ratio: 2.0}\n"
+        "    - {layer: 6, stoken_size: [4, 4], mlp_ratio: 2.0}\n"
+        "    - {layer: 8, stoken_size: [1, 1], mlp_ratio: 2.0}\n"
     )
     model = parser.instantiate_classes(config).model
     assert model.sta_placements == DEFAULT_STA
