@@ -67,29 +67,66 @@ class GroupedHeadAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(x).view(b, self.num_heads, 3, self.head_dim, h * w)
-        q, k, v = qkv.transpose(-1, -2).contiguous().unbind(2)  # each (B, heads, N, d)
+        # The 1x1 convs run as F.linear on the (B, N, C) token view: one GEMM each, no layout copies.
+        tokens = x.flatten(2).transpose(1, 2)
+        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)
+        q, k, v = qkv.view(b, h * w, self.num_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)  # (B, heads, N, d)
         out = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
         )
-        out = out.transpose(-1, -2).reshape(b, c, h, w)
-        return self.proj_drop(self.proj(out))
+        out = F.linear(out.transpose(1, 2).reshape(b, h * w, c), self.proj.weight.flatten(1), self.proj.bias)
+        return self.proj_drop(out).transpose(1, 2).view(b, c, h, w)
 
 
 def _gather_neighbours(tokens: Tensor) -> Tensor:
-    """(B, C, hh, ww) super-token map -> (B, M, C, 9): each cell's 3x3 neighbours, zeros outside the grid."""
+    """(B, C, hh, ww) super-token map -> (B, M, 9, C): each cell's 3x3 neighbours, zeros outside the grid."""
     b, c, hh, ww = tokens.shape
-    return F.unfold(tokens, 3, padding=1).view(b, c, _NEIGHBOURS, hh * ww).permute(0, 3, 1, 2)
+    neighbours = F.unfold(tokens, 3, padding=1).view(b, c, _NEIGHBOURS, hh * ww)
+    return neighbours.permute(0, 3, 2, 1).contiguous()  # one small copy instead of per-cell copies in bmm
 
 
 def _scatter_neighbours(per_cell: Tensor, grid: tuple[int, int]) -> Tensor:
-    """(B, M, C, 9) contributions of each cell to its 9 neighbours -> (B, C, hh, ww) sums per super token.
+    """(B, M, 9, C) contributions of each cell to its 9 neighbours -> (B, C, hh, ww) sums per super token.
 
     Contributions to neighbours outside the grid are dropped (``F.fold`` is the adjoint of ``F.unfold``).
     """
-    b, m, c, _ = per_cell.shape
-    columns = per_cell.permute(0, 2, 3, 1).reshape(b, c * _NEIGHBOURS, m)
-    return F.fold(columns, grid, 3, padding=1)
+    b, m, _, c = per_cell.shape
+    return F.fold(per_cell.permute(0, 3, 2, 1).reshape(b, c * _NEIGHBOURS, m), grid, 3, padding=1)
+
+
+def _pool(pixels: Tensor, affinity: Tensor) -> Tensor:
+    """Affinity-weighted pixel sums per neighbour slot: (B, M, C, P), (B, M, 9, P) -> (B, M, 9, C)."""
+    return affinity @ pixels.transpose(-1, -2)
+
+
+def _unpool(per_slot: Tensor, affinity: Tensor) -> Tensor:
+    """Adjoint of ``_pool``: (B, M, 9, C) values per neighbour slot -> (B, M, C, P) affinity-weighted pixels."""
+    return per_slot.transpose(-1, -2) @ affinity
+
+
+# Custom autograd for the two pixel-level products with a constant affinity: each one's backward is the
+# other (they are adjoint linear maps), which keeps every matmul in the orientation that is fast for
+# P x 9 / 9 x C shapes and the pixel gradient in the (B, M, C, P) layout; plain autograd would not.
+class _AffinityPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pixels: Tensor, affinity: Tensor) -> Tensor:
+        ctx.save_for_backward(affinity)
+        return _pool(pixels, affinity)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return _unpool(grad, ctx.saved_tensors[0]), None
+
+
+class _AffinityUnpool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, per_slot: Tensor, affinity: Tensor) -> Tensor:
+        ctx.save_for_backward(affinity)
+        return _unpool(per_slot, affinity)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return _pool(grad, ctx.saved_tensors[0]), None
 
 
 class StokenAttention(nn.Module):
@@ -143,50 +180,58 @@ class StokenAttention(nn.Module):
     def _associate(self, pixels: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Soft assignment of pixels (B, M, C, P) to the neighbour tokens of (B, C, hh, ww).
 
-        Returns the affinity (B, M, P, 9) (softmax over the 9 slots, out-of-grid slots included with logit 0)
+        Returns the affinity (B, M, 9, P) (softmax over the 9 slots, out-of-grid slots included with logit 0)
         and the affinity mass each super token receives, (B, 1, hh, ww).
         """
-        logits = pixels.transpose(-1, -2) @ _gather_neighbours(tokens) * self.scale
-        affinity = logits.softmax(-1)
-        mass = _scatter_neighbours(affinity.sum(2).unsqueeze(2), tokens.shape[-2:])
+        affinity = (_gather_neighbours(tokens) @ pixels * self.scale).softmax(-2)
+        mass = _scatter_neighbours(affinity.sum(-1, keepdim=True), tokens.shape[-2:])
         return affinity, mass
 
     def _stoken_forward(
         self, x: Tensor, return_association: bool
     ) -> Tensor | tuple[Tensor, StokenAssociation]:
         b, c, h0, w0 = x.shape
-        h, w = self.stoken_size
-        pad_bottom, pad_right = -h0 % h, -w0 % w
-        if pad_bottom or pad_right:
-            x = F.pad(x, (0, pad_right, 0, pad_bottom))
-        hh, ww = x.shape[-2] // h, x.shape[-1] // w
-        # Association and pooling run in >= float32 (fp16 would turn the 1e-12 eps into 0).
-        work_dtype = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(x.device.type, enabled=False):
-            pixels = x.to(work_dtype).reshape(b, c, hh, h, ww, w).permute(0, 2, 4, 1, 3, 5)
-            pixels = pixels.reshape(b, hh * ww, c, h * w)  # (B, M, C, P), w stays innermost
-            frozen = pixels.detach()  # the association is never differentiated
-            tokens = frozen.mean(-1).transpose(1, 2).reshape(b, c, hh, ww)  # block means, padding included
-            for i in range(self.n_iter):
-                affinity, mass = self._associate(frozen, tokens)
-                if i < self.n_iter - 1:
-                    tokens = _scatter_neighbours(frozen @ affinity, (hh, ww)) / (mass + _EPS)
-            tokens = _scatter_neighbours(pixels @ affinity, (hh, ww)) / (mass + _EPS)
+        affinity, tokens = self._pool_super_tokens(x)
         tokens = self.stoken_refine(tokens.to(x.dtype))
-        out = _gather_neighbours(tokens) @ affinity.transpose(-1, -2).to(tokens.dtype)  # (B, M, C, P)
+        (h, w), (hh, ww) = self.stoken_size, tokens.shape[-2:]
+        out = _AffinityUnpool.apply(_gather_neighbours(tokens), affinity.to(tokens.dtype))  # (B, M, C, P)
         out = out.view(b, hh, ww, c, h, w).permute(0, 3, 1, 4, 2, 5).reshape(b, c, hh * h, ww * w)
         out = out[:, :, :h0, :w0]
         if not return_association:
             return out
         return out, self._association_map(affinity, (hh, ww), (h0, w0))
 
+    def _pool_super_tokens(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, C, H, W) -> affinity (B, M, 9, P) (constant) and super tokens (B, C, hh, ww) (differentiable).
+
+        Runs in >= float32 with autocast off (in fp16 the official 1e-12 eps would be 0). The cell-grouped
+        pixel copy lives only inside this method, so it is freed before the output is built.
+        """
+        b, c, h0, w0 = x.shape
+        h, w = self.stoken_size
+        pad_bottom, pad_right = -h0 % h, -w0 % w
+        if pad_bottom or pad_right:
+            x = F.pad(x, (0, pad_right, 0, pad_bottom))
+        hh, ww = x.shape[-2] // h, x.shape[-1] // w
+        with torch.autocast(x.device.type, enabled=False):
+            pixels = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(b, c, hh, h, ww, w)
+            pixels = pixels.permute(0, 2, 4, 1, 3, 5).reshape(b, hh * ww, c, h * w)  # (B, M, C, P)
+            frozen = pixels.detach()  # the association is never differentiated
+            tokens = frozen.mean(-1).transpose(1, 2).reshape(b, c, hh, ww)  # block means, padding included
+            for i in range(self.n_iter):
+                affinity, mass = self._associate(frozen, tokens)
+                if i < self.n_iter - 1:
+                    tokens = _scatter_neighbours(_pool(frozen, affinity), (hh, ww)) / (mass + _EPS)
+            tokens = _scatter_neighbours(_AffinityPool.apply(pixels, affinity), (hh, ww)) / (mass + _EPS)
+        return affinity, tokens
+
     def _association_map(
         self, affinity: Tensor, grid: tuple[int, int], size: tuple[int, int]
     ) -> StokenAssociation:
-        """Affinity (B, M, P, 9) -> StokenAssociation with (B, 9, H, W) weights, out-of-grid slots zeroed."""
+        """Affinity (B, M, 9, P) -> StokenAssociation with (B, 9, H, W) weights, out-of-grid slots zeroed."""
         (h, w), (hh, ww) = self.stoken_size, grid
         inside = F.unfold(affinity.new_ones(1, 1, hh, ww), 3, padding=1).view(1, _NEIGHBOURS, hh, 1, ww, 1)
-        weights = affinity.detach().view(-1, hh, ww, h, w, _NEIGHBOURS).permute(0, 5, 1, 3, 2, 4) * inside
+        weights = affinity.view(-1, hh, ww, _NEIGHBOURS, h, w).permute(0, 3, 1, 4, 2, 5) * inside
         weights = weights.reshape(-1, _NEIGHBOURS, hh * h, ww * w)[:, :, : size[0], : size[1]]
         return StokenAssociation(weights.float(), grid, self.stoken_size)
 
