@@ -16,9 +16,9 @@ interleaved within each repeat so that load from other processes hits them alike
 Memory, two numbers:
 - ``saved``: bytes autograd keeps for backward (``torch.autograd.graph.saved_tensors_hooks``, deduplicated by
   storage), parameters and the input excluded; deterministic.
-- ``peak``: peak bytes allocated during one forward+backward above what was allocated before it. On CPU from the
-  ``torch.profiler`` memory events (running sum of allocations and frees, in time order); on CUDA from
-  ``torch.cuda.max_memory_allocated``.
+- ``peak``: peak bytes allocated during one forward+backward above what was allocated before it. On CPU
+  from the ``torch.profiler`` memory events (running sum of allocations and frees, in time order); on
+  CUDA from ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class OfficialStyleStokenAttention(nn.Module):
 
 
 def saved_bytes(module: nn.Module, x: Tensor) -> int:
-    """Bytes autograd saves for backward in one forward, deduplicated by storage; parameters and x excluded."""
+    """Bytes autograd saves for backward in one forward, deduplicated by storage; parameters, x excluded."""
     excluded = {p.untyped_storage().data_ptr() for p in module.parameters()} | {
         x.untyped_storage().data_ptr()
     }
@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("--sdpa-max-side", type=int, default=80, help="skip global SDPA above this side")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--channels", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -239,7 +239,8 @@ def main() -> None:
 
     print("\nratios (>1 means ours is better): time and peak memory")
     print(
-        f"{'map':>8} {'speed-up vs official':>21} {'vs sdpa':>8} {'peak official/ours':>19} {'peak sdpa/ours':>15}"
+        f"{'map':>8} {'speed-up vs official':>21} {'vs sdpa':>8} {'peak official/ours':>19} "
+        f"{'peak sdpa/ours':>15}"
     )
     for side in args.sizes:
         t_ours, _, p_ours = rows[side, "ours"]
