@@ -238,3 +238,15 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(association.weights, expected_association.weights)
     torch.testing.assert_close(grad, x.grad)
+
+
+def test_inductor_compile_and_torch_export_match_eager():
+    torch.manual_seed(0)
+    module = StokenAttention(16, (4, 4), n_iter=2, num_heads=2, qkv_bias=True).eval()
+    x = torch.randn(1, 16, 10, 13)
+    with torch.no_grad():
+        expected = module(x)
+        compiled = torch.compile(module, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-5)
+    exported = torch.export.export(module, (x,))
+    torch.testing.assert_close(exported.module()(x), expected, rtol=1e-6, atol=1e-6)
