@@ -1,7 +1,81 @@
-"""Command line entry point (LightningCLI once the model and data modules exist)."""
+"""``python -m sta_lightning fit|validate|test|predict --config ...``: the LightningCLI of the project.
 
-import sys
+Beyond Lightning's own CLI it adds:
+- ``checkpoint.*``: a ModelCheckpoint on ``val/mAP`` (best and last), configurable like any other class;
+- ``prediction.*``: the PredictionWriter used by ``predict`` (COCO json, optional rendered images);
+- the classes (``num_classes``, ``class_names``, ``category_ids``) linked from the datamodule to the model;
+  when the datamodule has no annotation file (``predict`` on bare images) they come from ``--ckpt_path``.
+A checkpoint also carries the model's hyperparameters, which LightningCLI reads back from ``--ckpt_path``, so
+``validate|test|predict --ckpt_path X`` needs only the data arguments.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from sta_lightning.callbacks.prediction_writer import PredictionWriter
+from sta_lightning.data import COCODataModule
+from sta_lightning.training import DetectionModule
+
+CLASS_KEYS = ("num_classes", "class_names", "category_ids")
+CHECKPOINT_DEFAULTS = {
+    "checkpoint.monitor": "val/mAP",
+    "checkpoint.mode": "max",
+    "checkpoint.save_last": True,
+    "checkpoint.save_top_k": 1,
+    "checkpoint.filename": "epoch={epoch:03d}-mAP={val/mAP:.4f}",
+    "checkpoint.auto_insert_metric_name": False,
+}
 
 
-def main(args: list[str] | None = None) -> None:
-    sys.exit("sta_lightning: the LightningCLI is not wired yet; the model and data modules are in progress.")
+class STALightningCLI(LightningCLI):
+    """LightningCLI with the default checkpointing, the prediction writer and the class links."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(CHECKPOINT_DEFAULTS)
+        parser.add_lightning_class_args(PredictionWriter, "prediction")
+        for key in CLASS_KEYS:
+            parser.link_arguments(
+                "data", f"model.{key}", compute_fn=partial(self._class_info, key), apply_on="instantiate"
+            )
+
+    def _class_info(self, key: str, datamodule: Any) -> Any:
+        """``datamodule.<key>``, or the checkpoint's when the datamodule has no annotation file."""
+        try:
+            return getattr(datamodule, key)
+        except RuntimeError as no_classes:  # COCODataModule without any annotation file
+            hyperparameters = self._checkpoint_hyperparameters()
+            if key not in hyperparameters:
+                raise ValueError(
+                    f"the model's {key} is unknown: give the data an annotation file, or pass --ckpt_path "
+                    "of a checkpoint trained by this project"
+                ) from no_classes
+            return hyperparameters[key]
+
+    def _checkpoint_hyperparameters(self) -> dict[str, Any]:
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path:
+            return {}
+        if not hasattr(self, "_ckpt_hyperparameters"):
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            self._ckpt_hyperparameters = checkpoint.get("hyper_parameters", {})
+        return self._ckpt_hyperparameters
+
+
+def main(args: list[str] | None = None) -> STALightningCLI:
+    """Run the CLI on ``args`` (default: the command line); returns the CLI (``trainer``, ``model``...)."""
+    return STALightningCLI(
+        DetectionModule,
+        COCODataModule,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )

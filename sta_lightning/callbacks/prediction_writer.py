@@ -1,0 +1,125 @@
+"""Write ``predict`` results as COCO json (and optionally images with the boxes drawn)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import lightning as L
+import numpy as np
+import torch.distributed as dist
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+
+from sta_lightning.data.transforms import read_image
+from sta_lightning.visualize import draw_detections
+
+DETECTIONS_FILE = "predictions.json"
+IMAGES_FILE = "images.json"
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Collects ``DetectionModule.predict_step`` outputs and, at the end, writes into ``output_dir``:
+
+    - ``predictions.json``: COCO results, a list of {"image_id", "category_id", "bbox" [x, y, w, h] in
+      original image pixels, "score"}; class indices are mapped to the model's category ids;
+    - ``images.json``: {"images": [{"id", "file_name", "height", "width"}], "categories": [{"id", "name"}],
+      "annotations": []}, so ``COCO("images.json").loadRes("predictions.json")`` works;
+    - with ``render``: ``images/<file stem>.<image_format>``, each image with its boxes and "class score"
+      labels.
+
+    Under DDP the ranks' results are gathered and written once by rank 0 (images repeated by the sampler's
+    padding are kept once). ``output_dir`` None means ``<trainer.log_dir>/predictions``.
+    """
+
+    def __init__(
+        self, output_dir: str | None = None, render: bool = False, image_format: Literal["jpg", "png"] = "jpg"
+    ) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = output_dir
+        self.render = render
+        self.image_format = image_format
+        self._results: list[dict[str, Any]] = []
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._results = []
+
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: list[dict[str, Any]],
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        for result in prediction:
+            self._results.append({**result, "detections": result["detections"].numpy()})
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        results = self._results
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[list[dict[str, Any]] | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, results)
+            results = [result for rank_results in gathered for result in rank_results]
+        if trainer.is_global_zero:
+            unique = {result["image_id"]: result for result in results}
+            self.write(sorted(unique.values(), key=lambda r: r["image_id"]), trainer, pl_module)
+        self._results = []
+
+    def resolved_output_dir(self, trainer: L.Trainer) -> Path:
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "predictions"
+
+    def write(self, results: list[dict[str, Any]], trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Write the json files (and images) of ``results`` (one dict per image, see ``predict_step``)."""
+        category_ids = list(pl_module.category_ids)
+        class_names = list(pl_module.class_names)
+        output_dir = self.resolved_output_dir(trainer)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        detections, images = [], []
+        for result in results:
+            height, width = result["orig_size"]
+            path = Path(result["path"]) if result["path"] else None
+            images.append(
+                {
+                    "id": result["image_id"],
+                    "file_name": path.name if path else "",
+                    "height": height,
+                    "width": width,
+                }
+            )
+            for x1, y1, x2, y2, score, class_index in result["detections"].tolist():
+                detections.append(
+                    {
+                        "image_id": result["image_id"],
+                        "category_id": category_ids[int(class_index)],
+                        "bbox": [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)],
+                        "score": round(score, 5),
+                    }
+                )
+            if self.render and path is not None:
+                self._render(result, path, output_dir / "images", class_names)
+        categories = [{"id": i, "name": name} for i, name in zip(category_ids, class_names, strict=True)]
+        (output_dir / DETECTIONS_FILE).write_text(json.dumps(detections))
+        (output_dir / IMAGES_FILE).write_text(
+            json.dumps({"images": images, "categories": categories, "annotations": []})
+        )
+        rank_zero_info(
+            f"Wrote {len(detections)} detections on {len(images)} images to {output_dir / DETECTIONS_FILE}"
+        )
+
+    def _render(self, result: dict[str, Any], path: Path, folder: Path, class_names: list[str]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        found = result["detections"]
+        labels = [f"{class_names[int(c)]} {s:.2f}" for s, c in zip(found[:, 4], found[:, 5], strict=True)]
+        # Prediction reads images with their EXIF orientation, so the boxes are in that frame.
+        drawn = draw_detections(read_image(path, apply_exif_orientation=True), found[:, :4], labels)
+        cv2.imwrite(
+            str(folder / f"{path.stem}.{self.image_format}"),
+            cv2.cvtColor(np.ascontiguousarray(drawn), cv2.COLOR_RGB2BGR),
+        )

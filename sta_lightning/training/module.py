@@ -1,0 +1,385 @@
+"""DetectionModule: the YOLOv8 (+ STA) detector, its loss, NMS and COCO evaluation as a LightningModule.
+
+Training reproduces the reference YOLOv8 recipe with manual optimization, because the number of accumulated
+batches ramps up during warmup (which Lightning's fixed ``accumulate_grad_batches`` cannot do): the loss is
+the per-batch loss times the batch size (times the world size under DDP, which averages gradients),
+gradients are summed until ``accumulate`` iterations have passed since the last step (the count runs across
+epochs), clipped to norm 10, and every optimizer step is followed by an EMA update (``ModelEMA``, added by
+``configure_callbacks``). Validation and checkpoints use the EMA weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.optim.swa_utils import AveragedModel
+
+from sta_lightning.data import boxes_to_original
+from sta_lightning.metrics import COCOEvaluator
+from sta_lightning.models import DEFAULT_STA, STAPlacement, YOLOv8, YOLOv8Loss, non_max_suppression
+from sta_lightning.training.ema import ModelEMA
+from sta_lightning.training.optim import (
+    GROUP_NAMES,
+    OptimizerName,
+    ScheduleName,
+    TrainingSchedule,
+    apply_step_settings,
+    build_optimizer,
+    scaled_weight_decay,
+    warmup_iterations,
+)
+
+# evaluate_coco key -> logged name (prefixed with "val/" or "test/").
+METRIC_NAMES = {
+    "map": "mAP",
+    "map_50": "mAP50",
+    "map_75": "mAP75",
+    "map_small": "mAP_small",
+    "map_medium": "mAP_medium",
+    "map_large": "mAP_large",
+    "mar_1": "mAR1",
+    "mar_10": "mAR10",
+    "mar_100": "mAR100",
+    "mar_small": "mAR_small",
+    "mar_medium": "mAR_medium",
+    "mar_large": "mAR_large",
+}
+LOSS_NAMES = ("box_loss", "cls_loss", "dfl_loss")
+
+
+def sta_placements(
+    sta: Sequence[STAPlacement | dict] | Literal["default"] | None,
+) -> tuple[STAPlacement, ...]:
+    """STA placements from config: "default" (``DEFAULT_STA``), None (none), or placements / dicts."""
+    if sta is None:
+        return ()
+    if isinstance(sta, str):
+        if sta != "default":
+            raise ValueError(f"sta must be 'default', null or a list of placements, got {sta!r}")
+        return tuple(DEFAULT_STA)
+    return tuple(p if isinstance(p, STAPlacement) else STAPlacement(**p) for p in sta)
+
+
+class DetectionModule(L.LightningModule):
+    """YOLOv8 detector with optional STA blocks, trained with the YOLOv8 recipe and evaluated with COCO mAP.
+
+    Args:
+        model_scale: YOLOv8 scale, one of n, s, m, l, x (named so to differ from the datamodule's augmentation
+            ``scale``: Lightning refuses to log two hyperparameters of one name with different values).
+        sta: STA placements: "default" (``sta_lightning.models.DEFAULT_STA``), null, or a list of
+            ``STAPlacement`` fields (layer, stoken_size, n_iter, num_heads, mlp_ratio, layer_scale, drop_path,
+            depth).
+        num_classes, class_names, category_ids: the classes (linked from the datamodule by the CLI);
+            ``category_ids`` maps class index -> COCO category id for evaluation and prediction output.
+        optimizer: "SGD" (nesterov, momentum ``momentum``) or "AdamW" (betas (``momentum``, 0.999)).
+        lr0: initial learning rate, reached at the end of warmup.
+        lrf: final learning rate as a fraction of ``lr0`` (at ``max_epochs``).
+        lr_schedule: per-epoch decay, "linear" or "cosine".
+        momentum: SGD momentum / Adam beta1.
+        weight_decay: decay of the conv/linear weights for a batch of ``nominal_batch_size`` images; scaled by
+            batch x devices x accumulate / nominal_batch_size.
+        nominal_batch_size: images per optimizer step that the recipe assumes (64); gradients of
+            round(nominal / (batch x devices)) batches are summed per step.
+        warmup_epochs, warmup_min_iterations: warmup length, max(round(warmup_epochs x batches per epoch),
+            warmup_min_iterations) iterations; warmup_epochs 0 disables warmup.
+        warmup_bias_lr: bias lr at the start of warmup; warmup_momentum: momentum at the start of warmup.
+        gradient_clip_norm: max total gradient norm per step (0 disables clipping).
+        ema: keep an exponential moving average of the weights for validation and checkpoints.
+        ema_decay, ema_tau: EMA decay d = ema_decay (1 - exp(-updates / ema_tau)).
+        box_gain, cls_gain, dfl_gain: loss gains.
+        conf_threshold, iou_threshold, max_det, multi_label: NMS for validation and test.
+        predict_conf_threshold, predict_multi_label: NMS for ``predict``.
+    """
+
+    def __init__(
+        self,
+        model_scale: Literal["n", "s", "m", "l", "x"] = "n",
+        sta: list[STAPlacement] | Literal["default"] | None = None,
+        num_classes: int = 80,
+        class_names: list[str] | None = None,
+        category_ids: list[int] | None = None,
+        optimizer: OptimizerName = "SGD",
+        lr0: float = 0.01,
+        lrf: float = 0.01,
+        lr_schedule: ScheduleName = "linear",
+        momentum: float = 0.937,
+        weight_decay: float = 5e-4,
+        nominal_batch_size: int = 64,
+        warmup_epochs: float = 3.0,
+        warmup_min_iterations: int = 100,
+        warmup_bias_lr: float = 0.1,
+        warmup_momentum: float = 0.8,
+        gradient_clip_norm: float = 10.0,
+        ema: bool = True,
+        ema_decay: float = 0.9999,
+        ema_tau: float = 2000.0,
+        box_gain: float = 7.5,
+        cls_gain: float = 0.5,
+        dfl_gain: float = 1.5,
+        conf_threshold: float = 0.001,
+        iou_threshold: float = 0.7,
+        max_det: int = 300,
+        multi_label: bool = True,
+        predict_conf_threshold: float = 0.25,
+        predict_multi_label: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        placements = sta_placements(sta)
+        if placements and not isinstance(sta, str):
+            # Plain values in the checkpoint, so that it loads with torch.load(weights_only=True).
+            self.hparams["sta"] = [asdict(p) for p in placements]
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}")
+        if category_ids is not None and len(category_ids) != num_classes:
+            raise ValueError(f"category_ids has {len(category_ids)} ids for num_classes={num_classes}")
+        self.automatic_optimization = False
+        self.model = YOLOv8(model_scale, num_classes, placements)
+        self.loss = YOLOv8Loss(
+            num_classes,
+            self.model.reg_max,
+            self.model.strides,
+            box_gain=box_gain,
+            cls_gain=cls_gain,
+            dfl_gain=dfl_gain,
+        )
+        self.class_names = (
+            list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+        )
+        self.category_ids = list(category_ids) if category_ids is not None else list(range(num_classes))
+        self.evaluator: COCOEvaluator | None = None
+        self.coco_metrics: dict[str, Any] | None = None  # the last validation/test metrics, for callbacks
+        self.schedule: TrainingSchedule | None = None
+        self.last_optimizer_step = -1  # iteration (over all epochs) of the last optimizer step
+        self._restored_gradients: dict[str, Tensor] = {}  # pending gradients read from a checkpoint
+
+    def forward(self, images: Tensor) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """float images (B, 3, S, S) in [0, 1] -> the detector's output (see ``YOLOv8``)."""
+        return self.model(images)
+
+    def _model_input(self, images: Tensor) -> Tensor:
+        """uint8 (B, 3, S, S) -> float [0, 1] in the parameters' dtype, on this module's device."""
+        return images.to(self.device, self.dtype, non_blocking=True) / 255
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        if fitting and self.hparams.ema:
+            return [ModelEMA(decay=self.hparams.ema_decay, tau=self.hparams.ema_tau)]
+        return []
+
+    @property
+    def ema(self) -> AveragedModel | None:
+        """The EMA copy of this module while fitting (its ``.module`` is a DetectionModule), else None."""
+        if self._trainer is None:
+            return None
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, ModelEMA):
+                return callback.averaged_model
+        return None
+
+    # ---------------------------------------------------------------- training
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # The weight decay is rescaled in on_train_start, once the batch size and device count are known.
+        hp = self.hparams
+        return build_optimizer(self.model, hp.optimizer, hp.lr0, hp.momentum, hp.weight_decay)
+
+    def on_train_start(self) -> None:
+        hp = self.hparams
+        trainer = self.trainer
+        if trainer.max_epochs is None or trainer.max_epochs < 1:
+            raise ValueError(
+                "DetectionModule needs trainer.max_epochs >= 1: the lr schedule decays over the epochs"
+            )
+        total_batch_size = trainer.train_dataloader.batch_size * trainer.world_size
+        self.schedule = TrainingSchedule(
+            lr0=hp.lr0,
+            lrf=hp.lrf,
+            epochs=trainer.max_epochs,
+            schedule=hp.lr_schedule,
+            warmup_iters=warmup_iterations(
+                hp.warmup_epochs, trainer.num_training_batches, hp.warmup_min_iterations
+            ),
+            warmup_bias_lr=hp.warmup_bias_lr,
+            warmup_momentum=hp.warmup_momentum,
+            momentum=hp.momentum,
+            nominal_batch_size=hp.nominal_batch_size,
+            total_batch_size=total_batch_size,
+        )
+        decay = scaled_weight_decay(hp.weight_decay, hp.nominal_batch_size, total_batch_size)
+        for group in self.optimizers().optimizer.param_groups:
+            if group["name"] == "weight":
+                group["weight_decay"] = decay
+        parameters = dict(self.named_parameters())
+        for name, gradient in self._restored_gradients.items():
+            parameters[name].grad = gradient.to(parameters[name].device)
+        self._restored_gradients = {}
+
+    def on_train_epoch_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(self.current_epoch, self.trainer.max_epochs)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()
+        iteration = batch_idx + self.trainer.num_training_batches * self.current_epoch
+        settings = self.schedule.at(iteration, self.current_epoch)
+        apply_step_settings(optimizer.optimizer, settings)
+
+        predictions = self.model(self._model_input(batch["images"]))
+        targets = {key: batch[key] for key in ("batch_idx", "cls", "bboxes")}
+        total, items = self.loss(predictions, targets)
+        # DDP averages gradients over processes; the recipe sums them.
+        self.manual_backward(total * self.trainer.world_size)
+        if iteration - self.last_optimizer_step >= settings.accumulate:
+            optimizer.step()  # gradients are clipped in on_before_optimizer_step (after AMP unscaling)
+            optimizer.zero_grad(set_to_none=True)
+            self.last_optimizer_step = iteration
+
+        batch_size = batch["images"].shape[0]
+        losses = {f"train/{name}": value for name, value in zip(LOSS_NAMES, items, strict=True)}
+        self.log_dict(losses, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        lrs = {f"lr/{name}": lr for name, lr in zip(GROUP_NAMES, settings.lrs, strict=True)}
+        self.log_dict(lrs, on_step=True, on_epoch=False, batch_size=batch_size)
+        return total.detach()
+
+    def on_validation_model_zero_grad(self) -> None:
+        """Keep the gradients summed since the last optimizer step (Lightning would free them before
+        validating): accumulation runs across epoch ends, hence across validations."""
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.hparams.gradient_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm=self.hparams.gradient_clip_norm)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Gradients summed since the last optimizer step carry over epoch ends (as in the reference), so an
+        # exact resume needs them too.
+        pending = {
+            name: parameter.grad.detach().clone()
+            for name, parameter in self.named_parameters()
+            if parameter.grad is not None
+        }
+        checkpoint["gradient_accumulation"] = {
+            "last_optimizer_step": self.last_optimizer_step,
+            "pending_gradients": pending,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("gradient_accumulation")
+        if state is None:
+            return
+        self.last_optimizer_step = state["last_optimizer_step"]
+        # Lightning zeroes the gradients after restoring, before the fit loop: on_train_start puts them back.
+        self._restored_gradients = state["pending_gradients"]
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def predict_batch(
+        self,
+        images: Tensor,
+        conf_threshold: float | None = None,
+        iou_threshold: float | None = None,
+        max_det: int | None = None,
+        multi_label: bool | None = None,
+    ) -> list[Tensor]:
+        """Eval-mode forward + NMS of uint8 images (B, 3, S, S) with the current weights (the EMA ones
+        during validation). Thresholds default to the validation ones. Returns per image (n, 6): x1, y1, x2,
+        y2 (input pixels), score, class index. The detector's train/eval mode is restored afterwards."""
+        hp = self.hparams
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            decoded, _ = self.model(self._model_input(images))
+        finally:
+            self.model.train(was_training)
+        return non_max_suppression(
+            decoded,
+            conf_threshold=hp.conf_threshold if conf_threshold is None else conf_threshold,
+            iou_threshold=hp.iou_threshold if iou_threshold is None else iou_threshold,
+            max_det=hp.max_det if max_det is None else max_det,
+            multi_label=hp.multi_label if multi_label is None else multi_label,
+        )
+
+    @staticmethod
+    def detections_to_original(detections: list[Tensor], batch: dict[str, Tensor]) -> list[Tensor]:
+        """Map each image's (n, 6) detections from input pixels back to original pixels (undo letterbox)."""
+        return [
+            torch.cat([boxes_to_original(found[:, :4], scale, pad, size), found[:, 4:]], dim=1)
+            for found, scale, pad, size in zip(
+                detections, batch["scales"], batch["pads"], batch["orig_sizes"], strict=True
+            )
+        ]
+
+    def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate", "test"):
+            self.evaluator = self._make_evaluator(stage)
+
+    def _make_evaluator(self, stage: str) -> COCOEvaluator | None:
+        datamodule = self.trainer.datamodule
+        annotation_file = None
+        if datamodule is not None and hasattr(datamodule, "annotation_file"):
+            annotation_file = datamodule.annotation_file(stage)
+        elif datamodule is not None:
+            annotation_file = getattr(datamodule, "val_annotation_file", None)
+        if annotation_file is None:
+            rank_zero_warn(
+                f"DetectionModule: no annotation file for '{stage}', so no COCO metrics are computed"
+            )
+            return None
+        category_ids = getattr(datamodule, "category_ids", None) or self.category_ids
+        return COCOEvaluator(annotation_file, category_ids, per_class=True)
+
+    def on_validation_epoch_start(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.reset()
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        if self.evaluator is not None:
+            detections = self.detections_to_original(self.predict_batch(batch["images"]), batch)
+            self.evaluator.update(batch["image_ids"], detections)
+
+    test_step = validation_step
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_coco_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_coco_metrics("test")
+
+    def _log_coco_metrics(self, prefix: str) -> None:
+        """Compute the epoch's COCO metrics (collective under DDP: every rank gets them all) and log them."""
+        if self.evaluator is None:
+            return
+        self.coco_metrics = self.evaluator.compute()
+        for key, name in METRIC_NAMES.items():
+            # Identical on every rank already, so no sync_dist.
+            self.log(f"{prefix}/{name}", float(self.coco_metrics[key]), prog_bar=name in ("mAP", "mAP50"))
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Per image: {"image_id", "path", "orig_size" (h, w), "detections" (n, 6): x1, y1, x2, y2 in
+        original pixels, score, class index}."""
+        hp = self.hparams
+        found = self.predict_batch(
+            batch["images"], conf_threshold=hp.predict_conf_threshold, multi_label=hp.predict_multi_label
+        )
+        originals = self.detections_to_original(found, batch)
+        paths = batch.get("paths", [None] * len(originals))
+        return [
+            {
+                "image_id": int(image_id),
+                "path": path,
+                "orig_size": tuple(size.tolist()),
+                "detections": dets.cpu(),
+            }
+            for image_id, path, size, dets in zip(
+                batch["image_ids"], paths, batch["orig_sizes"], originals, strict=True
+            )
+        ]

@@ -1,0 +1,217 @@
+"""End to end through ``python -m sta_lightning``'s CLI on a tiny demo dataset: fit, exact resume, validate
+from a checkpoint with only the data given, predict to COCO json."""
+
+import copy
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+from pycocotools.coco import COCO
+
+from sta_lightning.cli import main
+from sta_lightning.data import DemoDataModule
+from sta_lightning.data.transforms import letterbox, read_image, resize_long_side
+
+IMAGE_SIZE = 128
+# 12 training images in batches of 4 = 3 iterations per epoch; nominal batch 8 = 2 batches per optimizer step
+# (no warmup), so an accumulation is open at the end of epoch 0 (iterations 1 and 3 step; 0 + 2 pending).
+TRAIN_ARGS = [
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.max_epochs=2",
+    "--trainer.num_sanity_val_steps=0",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.log_every_n_steps=1",
+    "--model.model_scale=n",
+    "--model.sta=[{layer: 8, stoken_size: [1, 1], num_heads: 2}]",
+    "--model.optimizer=AdamW",
+    "--model.lr0=0.002",
+    "--model.momentum=0.9",
+    "--model.nominal_batch_size=8",
+    "--model.warmup_epochs=0",
+    "--model.ema_tau=5",
+    "--model.predict_conf_threshold=0.0001",
+    "--checkpoint.save_top_k=-1",
+]
+
+
+def data_args(root: Path) -> list[str]:
+    return [
+        "--data=sta_lightning.data.DemoDataModule",
+        f"--data.root={root}",
+        "--data.num_train=12",
+        "--data.num_val=9",
+        f"--data.image_size={IMAGE_SIZE}",
+        "--data.batch_size=4",
+        "--data.num_workers=0",
+    ]
+
+
+class TrainingStateRecorder(Callback):
+    """Copies of everything a resume must restore, as it stands when the first batch of ``epoch`` starts."""
+
+    def __init__(self, epoch: int = 1) -> None:
+        self.epoch = epoch
+        self.state: dict | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch != self.epoch or batch_idx != 0:
+            return
+        iteration = trainer.num_training_batches * trainer.current_epoch
+        self.state = {
+            "global_step": trainer.global_step,
+            "weights": {k: v.clone() for k, v in pl_module.state_dict().items()},
+            "ema": {k: v.clone() for k, v in pl_module.ema.state_dict().items()},
+            "optimizer": copy.deepcopy(pl_module.optimizers().optimizer.state_dict()),
+            "gradients": {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None},
+            "last_optimizer_step": pl_module.last_optimizer_step,
+            "schedule": pl_module.schedule,
+            "step_settings": pl_module.schedule.at(iteration, trainer.current_epoch),
+            "mosaic": trainer.datamodule.datasets["train"].mosaic_enabled,
+        }
+
+
+def read_metrics(log_dir: Path) -> list[dict[str, str]]:
+    with open(log_dir / "metrics.csv") as file:
+        return list(csv.DictReader(file))
+
+
+def epoch_value(rows: list[dict[str, str]], key: str, epoch: int) -> float:
+    return next(float(r[key]) for r in rows if r.get(key) and int(r["epoch"]) == epoch)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One uninterrupted 2-epoch fit, recording the state at the start of epoch 1."""
+    root = tmp_path_factory.mktemp("cli")
+    DemoDataModule(root=str(root / "demo"), num_train=12, num_val=9).prepare_data()
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": f"{root}/run"}}
+    cli = main(
+        ["fit", *TRAIN_ARGS, *data_args(root / "demo"), f"--trainer.default_root_dir={root / 'run'}"]
+        + [f"--trainer.logger={json.dumps(logger)}", "--trainer.callbacks+=test_cli.TrainingStateRecorder"]
+    )
+    recorder = next(c for c in cli.trainer.callbacks if isinstance(c, TrainingStateRecorder))
+    return {"root": root, "cli": cli, "log_dir": Path(cli.trainer.log_dir), "state": recorder.state}
+
+
+def test_fit_learns_and_writes_checkpoints(trained):
+    log_dir = trained["log_dir"]
+    rows = read_metrics(log_dir)
+    losses = [
+        sum(epoch_value(rows, f"train/{n}_epoch", e) for n in ("box_loss", "cls_loss", "dfl_loss"))
+        for e in (0, 1)
+    ]
+    assert losses[1] < losses[0]
+    assert 0.0 <= epoch_value(rows, "val/mAP50", 1) <= 1.0
+    # No warmup: lr0 x the linear decay of each epoch, (1 - e / 2) x 0.99 + 0.01.
+    lrs = {int(row["epoch"]): float(row["lr/weight"]) for row in rows if row.get("lr/weight")}
+    assert lrs == pytest.approx({0: 0.002, 1: 0.002 * 0.505})
+    checkpoints = sorted(p.name for p in (log_dir / "checkpoints").iterdir())
+    assert len(checkpoints) == 3 and "last.ckpt" in checkpoints
+    assert checkpoints[0].startswith("epoch=000-mAP=") and checkpoints[1].startswith("epoch=001-mAP=")
+
+    checkpoint = torch.load(log_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 3  # steps at iterations 1, 3, 5
+    assert checkpoint["hyper_parameters"]["class_names"] == ["circle", "square", "triangle", "star", "cross"]
+    # EMA weights in state_dict (validation uses them), raw ones beside, one EMA update per optimizer step.
+    assert int(checkpoint["averaging_state"]["n_averaged"]) - 1 == 3
+    ema, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert ema.keys() == raw.keys()
+    assert not torch.equal(ema["model.head.box_branches.0.2.bias"], raw["model.head.box_branches.0.2.bias"])
+
+
+def test_resume_restores_the_training_state_exactly(trained):
+    root, log_dir = trained["root"], trained["log_dir"]
+    epoch0 = next((log_dir / "checkpoints").glob("epoch=000-*.ckpt"))
+    cli = main(
+        ["fit", *TRAIN_ARGS, *data_args(root / "demo"), f"--ckpt_path={epoch0}", "--trainer.logger=false"]
+        + [
+            f"--trainer.default_root_dir={root / 'resumed'}",
+            "--trainer.callbacks+=test_cli.TrainingStateRecorder",
+        ]
+    )
+    assert cli.trainer.current_epoch == 2 and cli.trainer.global_step == 3
+    resumed = next(c for c in cli.trainer.callbacks if isinstance(c, TrainingStateRecorder)).state
+    uninterrupted = trained["state"]
+    assert resumed is not None and uninterrupted is not None
+    assert resumed["gradients"], (
+        "an accumulation was pending at the epoch end: its gradients must be restored"
+    )
+    for key in ("global_step", "last_optimizer_step", "schedule", "step_settings", "mosaic"):
+        assert resumed[key] == uninterrupted[key], key
+    for key in ("weights", "ema", "gradients"):
+        assert resumed[key].keys() == uninterrupted[key].keys()
+        for name in resumed[key]:
+            assert torch.equal(resumed[key][name], uninterrupted[key][name]), (key, name)
+    assert resumed["optimizer"]["param_groups"] == uninterrupted["optimizer"]["param_groups"]
+    torch.testing.assert_close(
+        resumed["optimizer"]["state"], uninterrupted["optimizer"]["state"], rtol=0, atol=0
+    )
+
+
+def test_validate_from_checkpoint_needs_only_the_data(trained):
+    root, log_dir = trained["root"], trained["log_dir"]
+    cli = main(
+        ["validate", f"--ckpt_path={log_dir / 'checkpoints' / 'last.ckpt'}", *data_args(root / "demo")]
+        + ["--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_progress_bar=false"]
+    )
+    # The model was rebuilt from the checkpoint's hyperparameters (an STA block after layer 8 only) ...
+    assert list(cli.model.model.sta.keys()) == ["layer8"] and cli.model.hparams.optimizer == "AdamW"
+    # ... and the EMA weights give the metrics the last validation of the fit logged.
+    logged = {k: v for k, v in trained["cli"].trainer.callback_metrics.items() if k.startswith("val/")}
+    validated = {k: v for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+    assert len(logged) == 12 and validated.keys() == logged.keys()
+    for key, value in logged.items():
+        assert math.isclose(float(validated[key]), float(value), abs_tol=1e-9), key
+
+
+def test_predict_writes_coco_json_in_original_pixels(trained):
+    root, log_dir = trained["root"], trained["log_dir"]
+    images = sorted((root / "demo" / "val").glob("*.jpg"))[:5]
+    output = root / "predictions"
+    cli = main(
+        [
+            "predict",
+            f"--ckpt_path={log_dir / 'checkpoints' / 'last.ckpt'}",
+            "--data=sta_lightning.data.COCODataModule",
+        ]
+        + [f"--data.predict_images={json.dumps([str(p) for p in images])}", f"--data.image_size={IMAGE_SIZE}"]
+        + ["--data.num_workers=0", "--trainer.accelerator=cpu", "--trainer.logger=false"]
+        + [
+            f"--prediction.output_dir={output}",
+            "--prediction.render=true",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    index = COCO(str(output / "images.json"))
+    results = index.loadRes(str(output / "predictions.json"))  # pycocotools accepts the files as COCO
+    assert [index.imgs[i]["file_name"] for i in sorted(index.imgs)] == [p.name for p in images]
+    assert {c["name"] for c in index.cats.values()} == {"circle", "square", "triangle", "star", "cross"}
+    assert len(results.anns) > 0
+    assert sorted(p.name for p in (output / "images").iterdir()) == [p.stem + ".jpg" for p in images]
+
+    # Boxes are the detector's on the letterboxed input mapped back, (box - pad) / scale: original pixels.
+    # (The 5 images went through the detector as one batch: the same batch here gives bitwise equal scores.)
+    letterboxed, geometry = [], []
+    for path in images:
+        original = read_image(path, apply_exif_orientation=True)
+        resized, scale = resize_long_side(original, IMAGE_SIZE)
+        padded, pad = letterbox(resized, IMAGE_SIZE)
+        letterboxed.append(torch.from_numpy(padded).permute(2, 0, 1))
+        geometry.append((original.shape[:2], scale, pad))
+    found = cli.model.predict_batch(torch.stack(letterboxed), conf_threshold=0.0001, multi_label=False)
+    for image_id, info in index.imgs.items():
+        (height, width), scale, (pad_x, pad_y) = geometry[image_id]
+        assert (info["height"], info["width"]) == (height, width)
+        expected = (found[image_id][:, :4] - torch.tensor([pad_x, pad_y, pad_x, pad_y])) / scale
+        expected = torch.minimum(expected.clamp(min=0), torch.tensor([width, height, width, height]))
+        written = torch.tensor([a["bbox"] for a in results.imgToAnns[image_id]]).reshape(-1, 4)
+        written[:, 2:] += written[:, :2]
+        torch.testing.assert_close(written, expected, atol=0.011, rtol=0)  # json rounds to 0.01
+        categories = [a["category_id"] for a in results.imgToAnns[image_id]]
+        assert categories == [int(c) + 1 for c in found[image_id][:, 5]]  # demo category ids are 1..5
