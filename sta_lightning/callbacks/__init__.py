@@ -2,5 +2,6 @@
 
 from sta_lightning.callbacks.attention_maps import AttentionMapsCallback  # noqa: F401
 from sta_lightning.callbacks.metric_table import COCOMetricTableCallback  # noqa: F401
+from sta_lightning.callbacks.prediction_writer import PredictionWriter  # noqa: F401
 from sta_lightning.callbacks.predictions import PredictionImagesCallback  # noqa: F401
 from sta_lightning.callbacks.save_config import WandbSaveConfigCallback  # noqa: F401
