@@ -6,7 +6,8 @@ Usage: python benchmarks/model.py [--scales n s m l x] [--latency-repeats 10] [-
 - GFLOPs: torch.utils.flop_counter.FlopCounterMode at 640x640, batch 1 (2 x multiply-accumulates of convs and
   matmuls; BN, activations and pooling are not counted). The reference's 8.86 GFLOPs for n are thop MACs x 2,
   which also count BN and bias additions.
-- CPU latency: eval, batch 1 at 640, inference mode, median over repeats after one warm-up.
+- CPU latency: eval, batch 1 at 640, inference mode, median over repeats after one warm-up; wall time and
+  process CPU time (on a loaded machine, `--threads 1` and the CPU column measure the work itself).
 - Train step of n at batch 8, 320 px, 4 random boxes per image: zero_grad, forward, YOLOv8Loss, backward,
   clip_grad_norm_(10), SGD (nesterov) step. Plain, default STA and (when importable) the reference model run
   in interleaved rounds so that machine load hits them alike; medians and ratios are printed.
@@ -34,18 +35,20 @@ def giga_flops(model: torch.nn.Module, size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def median_ms(step: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+def median_ms(step: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """Median wall and process-CPU milliseconds of ``step``."""
     for _ in range(warmup):
         step()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return 1e3 * statistics.median(wall), 1e3 * statistics.median(cpu)
 
 
-def latency_ms(model: torch.nn.Module, size: int, repeats: int) -> float:
+def latency_ms(model: torch.nn.Module, size: int, repeats: int) -> tuple[float, float]:
     images = torch.rand(1, 3, size, size)
 
     def forward() -> None:
@@ -141,8 +144,8 @@ def compare_train_steps(steps: int, batch: int, size: int) -> None:
 
 def compare_scales(scales: list[str], size: int, repeats: int | None) -> None:
     print(f"\nYOLOv8 at {size} px, batch 1, CPU fp32, {torch.get_num_threads()} threads:\n")
-    print("| scale | params (M) | +STA params (M) | GFLOPs | +STA GFLOPs | latency ms | +STA ms | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| scale | params M | +STA | GFLOPs | +STA | ms | +STA ms | ratio | CPU ms | +STA CPU ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for scale in scales:
         row = []
         for sta in (None, DEFAULT_STA):
@@ -152,9 +155,10 @@ def compare_scales(scales: list[str], size: int, repeats: int | None) -> None:
             flops = giga_flops(model, size)
             latency = latency_ms(model, size, repeats or DEFAULT_LATENCY_REPEATS[scale])
             row.append((params, flops, latency))
-        (p0, f0, l0), (p1, f1, l1) = row
+        (p0, f0, (l0, c0)), (p1, f1, (l1, c1)) = row
         print(
-            f"| {scale} | {p0:.2f} | {p1:.2f} | {f0:.2f} | {f1:.2f} | {l0:.0f} | {l1:.0f} | {l1 / l0:.2f}x |"
+            f"| {scale} | {p0:.2f} | {p1:.2f} | {f0:.2f} | {f1:.2f} | {l0:.0f} | {l1:.0f} | {l1 / l0:.2f}x "
+            f"| {c0:.0f} | {c1:.0f} |"
         )
 
 
