@@ -162,7 +162,10 @@ def test_validate_from_checkpoint_needs_only_the_data(trained):
     )
     # The model was rebuilt from the checkpoint's hyperparameters (an STA block after layer 8 only) ...
     assert list(cli.model.model.sta.keys()) == ["layer8"] and cli.model.hparams.optimizer == "AdamW"
-    # ... and the EMA weights give the metrics the last validation of the fit logged.
+    # ... with the checkpoint's EMA weights, which give the metrics the last validation of the fit logged.
+    checkpoint = torch.load(log_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    weights = cli.model.state_dict()
+    assert all(torch.equal(weights[key], value) for key, value in checkpoint["state_dict"].items())
     logged = {k: v for k, v in trained["cli"].trainer.callback_metrics.items() if k.startswith("val/")}
     validated = {k: v for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
     assert len(logged) == 12 and validated.keys() == logged.keys()
