@@ -244,7 +244,9 @@ class DetectionModule(L.LightningModule):
 
         batch_size = batch["images"].shape[0]
         losses = {f"train/{name}": value for name, value in zip(LOSS_NAMES, items, strict=True)}
-        self.log_dict(losses, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        self.log_dict(
+            losses, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size, sync_dist=True
+        )
         lrs = {f"lr/{name}": lr for name, lr in zip(GROUP_NAMES, settings.lrs, strict=True)}
         self.log_dict(lrs, on_step=True, on_epoch=False, batch_size=batch_size)
         return total.detach()
@@ -360,8 +362,9 @@ class DetectionModule(L.LightningModule):
             return
         self.coco_metrics = self.evaluator.compute()
         for key, name in METRIC_NAMES.items():
-            # Identical on every rank already, so no sync_dist.
-            self.log(f"{prefix}/{name}", float(self.coco_metrics[key]), prog_bar=name in ("mAP", "mAP50"))
+            # Identical on every rank already: the sync (a mean of equal values) only tells Lightning so.
+            value = float(self.coco_metrics[key])
+            self.log(f"{prefix}/{name}", value, prog_bar=name in ("mAP", "mAP50"), sync_dist=True)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Per image: {"image_id", "path", "orig_size" (h, w), "detections" (n, 6): x1, y1, x2, y2 in
