@@ -52,6 +52,14 @@ METRIC_NAMES = {
     "mar_large": "mAR_large",
 }
 LOSS_NAMES = ("box_loss", "cls_loss", "dfl_loss")
+NMS_ARGUMENTS = (
+    "conf_threshold",
+    "iou_threshold",
+    "max_det",
+    "multi_label",
+    "predict_conf_threshold",
+    "predict_multi_label",
+)
 
 
 def sta_placements(
@@ -96,6 +104,9 @@ class DetectionModule(L.LightningModule):
         box_gain, cls_gain, dfl_gain: loss gains.
         conf_threshold, iou_threshold, max_det, multi_label: NMS for validation and test.
         predict_conf_threshold, predict_multi_label: NMS for ``predict``.
+
+    The NMS settings are evaluation choices, not part of the model: they are left out of the checkpoint's
+    hyperparameters, so ``validate|test|predict --ckpt_path`` take them from the command line / config.
     """
 
     def __init__(
@@ -131,7 +142,19 @@ class DetectionModule(L.LightningModule):
         predict_multi_label: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=list(NMS_ARGUMENTS))
+        # NMS settings of validation / test and of predict.
+        self.nms = dict(
+            conf_threshold=conf_threshold,
+            iou_threshold=iou_threshold,
+            max_det=max_det,
+            multi_label=multi_label,
+        )
+        self.predict_nms = {
+            **self.nms,
+            "conf_threshold": predict_conf_threshold,
+            "multi_label": predict_multi_label,
+        }
         placements = sta_placements(sta)
         if placements and not isinstance(sta, str):
             # Plain values in the checkpoint, so that it loads with torch.load(weights_only=True).
@@ -293,7 +316,6 @@ class DetectionModule(L.LightningModule):
         """Eval-mode forward + NMS of uint8 images (B, 3, S, S) with the current weights (the EMA ones
         during validation). Thresholds default to the validation ones. Returns per image (n, 6): x1, y1, x2,
         y2 (input pixels), score, class index. The detector's train/eval mode is restored afterwards."""
-        hp = self.hparams
         was_training = self.model.training
         self.model.eval()
         try:
@@ -302,10 +324,10 @@ class DetectionModule(L.LightningModule):
             self.model.train(was_training)
         return non_max_suppression(
             decoded,
-            conf_threshold=hp.conf_threshold if conf_threshold is None else conf_threshold,
-            iou_threshold=hp.iou_threshold if iou_threshold is None else iou_threshold,
-            max_det=hp.max_det if max_det is None else max_det,
-            multi_label=hp.multi_label if multi_label is None else multi_label,
+            conf_threshold=self.nms["conf_threshold"] if conf_threshold is None else conf_threshold,
+            iou_threshold=self.nms["iou_threshold"] if iou_threshold is None else iou_threshold,
+            max_det=self.nms["max_det"] if max_det is None else max_det,
+            multi_label=self.nms["multi_label"] if multi_label is None else multi_label,
         )
 
     @staticmethod
@@ -369,10 +391,7 @@ class DetectionModule(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Per image: {"image_id", "path", "orig_size" (h, w), "detections" (n, 6): x1, y1, x2, y2 in
         original pixels, score, class index}."""
-        hp = self.hparams
-        found = self.predict_batch(
-            batch["images"], conf_threshold=hp.predict_conf_threshold, multi_label=hp.predict_multi_label
-        )
+        found = self.predict_batch(batch["images"], **self.predict_nms)
         originals = self.detections_to_original(found, batch)
         paths = batch.get("paths", [None] * len(originals))
         return [
