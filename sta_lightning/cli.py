@@ -3,6 +3,7 @@
 Beyond Lightning's own CLI it adds:
 - ``checkpoint.*``: a ModelCheckpoint on ``val/mAP`` (best and last), configurable like any other class;
 - ``prediction.*``: the PredictionWriter used by ``predict`` (COCO json, optional rendered images);
+- the resolved config saved as ``config.yaml`` in the log dir and copied into W&B runs;
 - the classes (``num_classes``, ``class_names``, ``category_ids``) linked from the datamodule to the model;
   when the datamodule has no annotation file (``predict`` on bare images) they come from ``--ckpt_path``.
 A checkpoint also carries the model's hyperparameters, which LightningCLI reads back from ``--ckpt_path``, so
@@ -19,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sta_lightning.callbacks.prediction_writer import PredictionWriter
+from sta_lightning.callbacks.save_config import WandbSaveConfigCallback
 from sta_lightning.data import COCODataModule
 from sta_lightning.training import DetectionModule
 
@@ -76,6 +78,7 @@ def main(args: list[str] | None = None) -> STALightningCLI:
         COCODataModule,
         subclass_mode_data=True,
         seed_everything_default=0,
+        save_config_callback=WandbSaveConfigCallback,  # config.yaml in the log dir, and in W&B runs
         save_config_kwargs={"overwrite": True},
         args=args,
     )
