@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from sta_lightning.nn import StokenAssociation, StokenAttention
+from sta_lightning.nn import sta as sta_module
 
 
 def reference_mhsa(tokens, params, num_heads, qk_scale=None):
@@ -117,6 +118,16 @@ def test_matches_dense_reference_forward_and_gradients(b, c, h, w, stoken, n_ite
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-10)
     for name, p in module.named_parameters():
         torch.testing.assert_close(p.grad, params[name].grad, rtol=0, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize(("b", "c", "h", "w", "stoken", "n_iter", "heads", "qkv_bias"), [CASES[1], CASES[3]])
+def test_matches_dense_reference_when_processed_one_cell_row_at_a_time(
+    monkeypatch, b, c, h, w, stoken, n_iter, heads, qkv_bias
+):
+    """Large maps run the pixel-level products over chunks of cell rows; force one row per chunk here."""
+    monkeypatch.setattr(sta_module, "_CHUNK_ELEMENTS", 1)
+    assert len(sta_module._row_chunks(torch.empty(b, c, h + -h % stoken[0], w), stoken)) > 1
+    test_matches_dense_reference_forward_and_gradients(b, c, h, w, stoken, n_iter, heads, qkv_bias)
 
 
 def test_association_matches_dense_q_and_sums_to_one_minus_outside_mass():

@@ -70,7 +70,9 @@ class GroupedHeadAttention(nn.Module):
         # The 1x1 convs run as F.linear on the (B, N, C) token view: one GEMM each, no layout copies.
         tokens = x.flatten(2).transpose(1, 2)
         qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)
-        q, k, v = qkv.view(b, h * w, self.num_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)  # (B, heads, N, d)
+        q, k, v = qkv.view(b, h * w, self.num_heads, 3, self.head_dim).permute(
+            3, 0, 2, 1, 4
+        )  # (B, heads, N, d)
         out = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
         )
@@ -94,39 +96,116 @@ def _scatter_neighbours(per_cell: Tensor, grid: tuple[int, int]) -> Tensor:
     return F.fold(per_cell.permute(0, 3, 2, 1).reshape(b, c * _NEIGHBOURS, m), grid, 3, padding=1)
 
 
-def _pool(pixels: Tensor, affinity: Tensor) -> Tensor:
-    """Affinity-weighted pixel sums per neighbour slot: (B, M, C, P), (B, M, 9, P) -> (B, M, 9, C)."""
-    return affinity @ pixels.transpose(-1, -2)
+# Pixel-level work runs over chunks of whole cell rows, each about this many elements: a chunk's per-cell copy
+# and the products that read or write it stay in the CPU cache, so pixels cross main memory once per pass
+# (the per-cell layout of the whole map would be written and re-read several times).
+_CHUNK_ELEMENTS = 1 << 17
 
 
-def _unpool(per_slot: Tensor, affinity: Tensor) -> Tensor:
-    """Adjoint of ``_pool``: (B, M, 9, C) values per neighbour slot -> (B, M, C, P) affinity-weighted pixels."""
-    return per_slot.transpose(-1, -2) @ affinity
+def _row_chunks(image: Tensor, stoken_size: tuple[int, int]) -> list[tuple[slice, slice]]:
+    """(pixel-row slice, cell slice) of each chunk of whole cell rows of a (B, C, hh*h, ww*w) map."""
+    b, c, height, width = image.shape
+    h, w = stoken_size
+    rows = max(1, _CHUNK_ELEMENTS // (b * c * h * width))
+    cells_per_row = width // w
+    return [
+        (slice(r * h, (r + rows) * h), slice(r * cells_per_row, (r + rows) * cells_per_row))
+        for r in range(0, height // h, rows)
+    ]
+
+
+def _to_cells(image: Tensor, stoken_size: tuple[int, int]) -> Tensor:
+    """(B, C, R*h, ww*w) pixel rows -> (B, R*ww, C, h*w) per-cell copy."""
+    b, c, height, width = image.shape
+    h, w = stoken_size
+    cells = image.reshape(b, c, height // h, h, width // w, w).permute(0, 2, 4, 1, 3, 5)
+    return cells.reshape(b, -1, c, h * w)
+
+
+def _copy_cells_to_image(image: Tensor, cells: Tensor, stoken_size: tuple[int, int]) -> None:
+    """Inverse of ``_to_cells``, in place: (B, R*ww, C, h*w) cells -> (B, C, R*h, ww*w) pixel rows."""
+    b, c, height, width = image.shape
+    h, w = stoken_size
+    pixels = image.view(b, c, height // h, h, width // w, w)
+    pixels.copy_(cells.view(b, height // h, width // w, c, h, w).permute(0, 3, 1, 4, 2, 5))
+
+
+def _associate_and_pool(
+    image: Tensor, neighbours: Tensor, scale: float, stoken_size: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
+    """Association and affinity-weighted pixel sums of a (B, C, hh*h, ww*w) map, chunk by chunk.
+
+    ``neighbours`` (B, M, 9, C): each cell's 3x3 super tokens. Returns the pooled sums (B, M, 9, C) and the
+    affinity (B, M, 9, P) (softmax over the 9 slots, out-of-grid slots included with logit 0).
+    """
+    pooled, affinities = [], []
+    for rows, cells in _row_chunks(image, stoken_size):
+        pixels = _to_cells(image[:, :, rows], stoken_size)
+        affinity = (neighbours[:, cells] @ pixels * scale).softmax(-2)
+        pooled.append(affinity @ pixels.transpose(-1, -2))
+        affinities.append(affinity)
+    return torch.cat(pooled, 1), torch.cat(affinities, 1)
+
+
+def _pool(image: Tensor, affinity: Tensor, stoken_size: tuple[int, int]) -> Tensor:
+    """Affinity-weighted pixel sums per neighbour slot: (B, C, hh*h, ww*w), (B, M, 9, P) -> (B, M, 9, C)."""
+    return torch.cat(
+        [
+            affinity[:, cells] @ _to_cells(image[:, :, rows], stoken_size).transpose(-1, -2)
+            for rows, cells in _row_chunks(image, stoken_size)
+        ],
+        1,
+    )
+
+
+def _unpool(
+    per_slot: Tensor, affinity: Tensor, stoken_size: tuple[int, int], grid: tuple[int, int]
+) -> Tensor:
+    """Adjoint of ``_pool``: (B, M, 9, C) values per neighbour slot -> (B, C, hh*h, ww*w) weighted pixels."""
+    b, _, _, c = per_slot.shape
+    (h, w), (hh, ww) = stoken_size, grid
+    per_slot = per_slot.contiguous()  # gradients arrive as a strided view; slicing it per chunk is slower
+    image = per_slot.new_empty(b, c, hh * h, ww * w)
+    for rows, cells in _row_chunks(image, stoken_size):
+        weighted = per_slot[:, cells].transpose(-1, -2) @ affinity[:, cells]  # (B, R*ww, C, P)
+        _copy_cells_to_image(image[:, :, rows], weighted, stoken_size)
+    return image
 
 
 # Custom autograd for the two pixel-level products with a constant affinity: each one's backward is the
-# other (they are adjoint linear maps), which keeps every matmul in the orientation that is fast for
-# P x 9 / 9 x C shapes and the pixel gradient in the (B, M, C, P) layout; plain autograd would not.
-class _AffinityPool(torch.autograd.Function):
+# other (they are adjoint linear maps), so the backward passes are chunked like the forward ones and never
+# build the per-cell layout of the whole map; plain autograd would.
+class _AssociateAndPool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pixels: Tensor, affinity: Tensor) -> Tensor:
+    def forward(
+        ctx, image: Tensor, neighbours: Tensor, scale: float, stoken_size: tuple[int, int]
+    ) -> tuple[Tensor, Tensor]:
+        pooled, affinity = _associate_and_pool(image, neighbours.detach(), scale, stoken_size)
         ctx.save_for_backward(affinity)
-        return _pool(pixels, affinity)
+        ctx.stoken_size, ctx.grid = (
+            stoken_size,
+            (image.shape[-2] // stoken_size[0], image.shape[-1] // stoken_size[1]),
+        )
+        ctx.mark_non_differentiable(affinity)
+        return pooled, affinity
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _unpool(grad, ctx.saved_tensors[0]), None
+    def backward(ctx, grad: Tensor, _: Tensor) -> tuple[Tensor, None, None, None]:
+        return _unpool(grad, ctx.saved_tensors[0], ctx.stoken_size, ctx.grid), None, None, None
 
 
-class _AffinityUnpool(torch.autograd.Function):
+class _Unpool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, per_slot: Tensor, affinity: Tensor) -> Tensor:
+    def forward(
+        ctx, per_slot: Tensor, affinity: Tensor, stoken_size: tuple[int, int], grid: tuple[int, int]
+    ) -> Tensor:
         ctx.save_for_backward(affinity)
-        return _unpool(per_slot, affinity)
+        ctx.stoken_size = stoken_size
+        return _unpool(per_slot, affinity, stoken_size, grid)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _pool(grad, ctx.saved_tensors[0]), None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        return _pool(grad, ctx.saved_tensors[0], ctx.stoken_size), None, None, None
 
 
 class StokenAttention(nn.Module):
@@ -177,53 +256,49 @@ class StokenAttention(nn.Module):
             return (out, None) if return_association else out
         return self._stoken_forward(x, return_association)
 
-    def _associate(self, pixels: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Soft assignment of pixels (B, M, C, P) to the neighbour tokens of (B, C, hh, ww).
-
-        Returns the affinity (B, M, 9, P) (softmax over the 9 slots, out-of-grid slots included with logit 0)
-        and the affinity mass each super token receives, (B, 1, hh, ww).
-        """
-        affinity = (_gather_neighbours(tokens) @ pixels * self.scale).softmax(-2)
-        mass = _scatter_neighbours(affinity.sum(-1, keepdim=True), tokens.shape[-2:])
-        return affinity, mass
-
     def _stoken_forward(
         self, x: Tensor, return_association: bool
     ) -> Tensor | tuple[Tensor, StokenAssociation]:
         b, c, h0, w0 = x.shape
         affinity, tokens = self._pool_super_tokens(x)
         tokens = self.stoken_refine(tokens.to(x.dtype))
-        (h, w), (hh, ww) = self.stoken_size, tokens.shape[-2:]
-        out = _AffinityUnpool.apply(_gather_neighbours(tokens), affinity.to(tokens.dtype))  # (B, M, C, P)
-        out = out.view(b, hh, ww, c, h, w).permute(0, 3, 1, 4, 2, 5).reshape(b, c, hh * h, ww * w)
+        grid = tokens.shape[-2:]
+        out = _Unpool.apply(_gather_neighbours(tokens), affinity.to(tokens.dtype), self.stoken_size, grid)
         out = out[:, :, :h0, :w0]
         if not return_association:
             return out
-        return out, self._association_map(affinity, (hh, ww), (h0, w0))
+        return out, self._association_map(affinity, grid, (h0, w0))
 
     def _pool_super_tokens(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, C, H, W) -> affinity (B, M, 9, P) (constant) and super tokens (B, C, hh, ww) (differentiable).
+        """x (B, C, H, W) -> affinity (B, M, 9, P) (constant), super tokens (B, C, hh, ww) (differentiable).
 
-        Runs in >= float32 with autocast off (in fp16 the official 1e-12 eps would be 0). The cell-grouped
-        pixel copy lives only inside this method, so it is freed before the output is built.
+        Runs in >= float32 with autocast off (in fp16 the official 1e-12 eps would be 0).
         """
         b, c, h0, w0 = x.shape
         h, w = self.stoken_size
         pad_bottom, pad_right = -h0 % h, -w0 % w
         if pad_bottom or pad_right:
             x = F.pad(x, (0, pad_right, 0, pad_bottom))
-        hh, ww = x.shape[-2] // h, x.shape[-1] // w
+        grid = (x.shape[-2] // h, x.shape[-1] // w)
         with torch.autocast(x.device.type, enabled=False):
-            pixels = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(b, c, hh, h, ww, w)
-            pixels = pixels.permute(0, 2, 4, 1, 3, 5).reshape(b, hh * ww, c, h * w)  # (B, M, C, P)
-            frozen = pixels.detach()  # the association is never differentiated
-            tokens = frozen.mean(-1).transpose(1, 2).reshape(b, c, hh, ww)  # block means, padding included
-            for i in range(self.n_iter):
-                affinity, mass = self._associate(frozen, tokens)
-                if i < self.n_iter - 1:
-                    tokens = _scatter_neighbours(_pool(frozen, affinity), (hh, ww)) / (mass + _EPS)
-            tokens = _scatter_neighbours(_AffinityPool.apply(pixels, affinity), (hh, ww)) / (mass + _EPS)
+            x = x.to(torch.promote_types(x.dtype, torch.float32))
+            frozen = x.detach()  # the association is never differentiated
+            tokens = F.avg_pool2d(frozen, (h, w))  # block means, padded zeros included
+            for _ in range(self.n_iter - 1):
+                pooled, affinity = _associate_and_pool(
+                    frozen, _gather_neighbours(tokens), self.scale, self.stoken_size
+                )
+                tokens = _scatter_neighbours(pooled, grid) / (self._mass(affinity, grid) + _EPS)
+            pooled, affinity = _AssociateAndPool.apply(
+                x, _gather_neighbours(tokens), self.scale, self.stoken_size
+            )
+            tokens = _scatter_neighbours(pooled, grid) / (self._mass(affinity, grid) + _EPS)
         return affinity, tokens
+
+    @staticmethod
+    def _mass(affinity: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Affinity (B, M, 9, P) -> the affinity mass each super token receives, (B, 1, hh, ww)."""
+        return _scatter_neighbours(affinity.sum(-1, keepdim=True), grid)
 
     def _association_map(
         self, affinity: Tensor, grid: tuple[int, int], size: tuple[int, int]
