@@ -22,22 +22,10 @@ import json, sys
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger
-from sta_lightning.callbacks import WandbSaveConfigCallback
-from sta_lightning.cli import STALightningCLI
-from sta_lightning.data import COCODataModule
-from sta_lightning.training import DetectionModule
+from sta_lightning.cli import main
 
 config, out = sys.argv[1], Path(sys.argv[2])
-cli = STALightningCLI(
-    DetectionModule,
-    COCODataModule,
-    subclass_mode_data=True,
-    save_config_callback=WandbSaveConfigCallback,
-    save_config_kwargs={"overwrite": True},
-    run=False,
-    args=["--config", config],
-)
-cli.trainer.fit(cli.model, cli.datamodule)
+cli = main(["fit", "--config", config])
 fit_map = cli.model.coco_metrics["map"]
 cli.trainer.validate(cli.model, cli.datamodule)
 experiment = cli.trainer.logger.experiment
