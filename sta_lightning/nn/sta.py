@@ -83,8 +83,9 @@ class GroupedHeadAttention(nn.Module):
 def _gather_neighbours(tokens: Tensor) -> Tensor:
     """(B, C, hh, ww) super-token map -> (B, M, 9, C): each cell's 3x3 neighbours, zeros outside the grid."""
     b, c, hh, ww = tokens.shape
-    neighbours = F.unfold(tokens, 3, padding=1).view(b, c, _NEIGHBOURS, hh * ww)
-    return neighbours.permute(0, 3, 2, 1).contiguous()  # one small copy instead of per-cell copies in bmm
+    padded = F.pad(tokens.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, hh+2, ww+2, C)
+    windows = padded.unfold(1, 3, 1).unfold(2, 3, 1)  # (B, hh, ww, C, 3, 3) view
+    return windows.permute(0, 1, 2, 4, 5, 3).reshape(b, hh * ww, _NEIGHBOURS, c)
 
 
 def _scatter_neighbours(per_cell: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -94,6 +95,29 @@ def _scatter_neighbours(per_cell: Tensor, grid: tuple[int, int]) -> Tensor:
     """
     b, m, _, c = per_cell.shape
     return F.fold(per_cell.permute(0, 3, 2, 1).reshape(b, c * _NEIGHBOURS, m), grid, 3, padding=1)
+
+
+# Gather and scatter are adjoint linear maps; as custom autograd each one's backward is the other, which is
+# cheaper than autograd's backward of the strided unfold view or of F.fold.
+class _GatherNeighbours(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tokens: Tensor) -> Tensor:
+        ctx.grid = tokens.shape[-2:]
+        return _gather_neighbours(tokens)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _scatter_neighbours(grad, ctx.grid)
+
+
+class _ScatterNeighbours(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, per_cell: Tensor, grid: tuple[int, int]) -> Tensor:
+        return _scatter_neighbours(per_cell, grid)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return _gather_neighbours(grad), None
 
 
 # Pixel-level work runs over chunks of whole cell rows, each about this many elements: a chunk's per-cell copy
@@ -263,7 +287,9 @@ class StokenAttention(nn.Module):
         affinity, tokens = self._pool_super_tokens(x)
         tokens = self.stoken_refine(tokens.to(x.dtype))
         grid = tokens.shape[-2:]
-        out = _Unpool.apply(_gather_neighbours(tokens), affinity.to(tokens.dtype), self.stoken_size, grid)
+        out = _Unpool.apply(
+            _GatherNeighbours.apply(tokens), affinity.to(tokens.dtype), self.stoken_size, grid
+        )
         out = out[:, :, :h0, :w0]
         if not return_association:
             return out
@@ -292,7 +318,7 @@ class StokenAttention(nn.Module):
             pooled, affinity = _AssociateAndPool.apply(
                 x, _gather_neighbours(tokens), self.scale, self.stoken_size
             )
-            tokens = _scatter_neighbours(pooled, grid) / (self._mass(affinity, grid) + _EPS)
+            tokens = _ScatterNeighbours.apply(pooled, grid) / (self._mass(affinity, grid) + _EPS)
         return affinity, tokens
 
     @staticmethod
