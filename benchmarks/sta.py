@@ -12,7 +12,8 @@ qkv_bias, batch 1, float32):
   i.e. ``StokenAttention`` with stoken_size (1, 1); skipped above ``--sdpa-max-side`` (quadratic cost).
 
 Time: median wall clock over ``--repeats`` forward+backward passes after 2 warm-up passes, the modules
-interleaved within each repeat so that load from other processes hits them alike.
+interleaved within each repeat (order rotated from one repeat to the next) so that load from other
+processes and cold caches hit them alike.
 Memory, two numbers:
 - ``saved``: bytes autograd keeps for backward (``torch.autograd.graph.saved_tensors_hooks``, deduplicated by
   storage), parameters and the input excluded; deterministic.
@@ -181,9 +182,12 @@ def median_seconds(
         for _ in range(2):
             timed(module)
     times: dict[str, list[float]] = {name: [] for name in modules}
-    for _ in range(repeats):
-        for name, module in modules.items():
-            times[name].append(timed(module))
+    names = list(modules)
+    for repeat in range(repeats):
+        # rotate the order: the module run right after a slow one (global SDPA) starts with a cold cache
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(timed(modules[name]))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
