@@ -69,8 +69,8 @@ def main() -> None:
         strips = [read_pngs(images / "attention" / block)[0] for block in blocks]
         predictions = read_pngs(images / "predictions")
     args.out.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(strips, axis=0)).save(args.out / "attention_maps.png")
-    Image.fromarray(np.concatenate(predictions, axis=1)).save(args.out / "predictions.png")
+    Image.fromarray(np.concatenate(strips, axis=0)).save(args.out / "attention_maps.png", optimize=True)
+    Image.fromarray(np.concatenate(predictions, axis=1)).save(args.out / "predictions.png", optimize=True)
     print(f"wrote attention_maps.png (blocks {', '.join(blocks)}) and predictions.png to {args.out}")
 
 
