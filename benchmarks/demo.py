@@ -7,7 +7,7 @@ Both steps run in interleaved rounds in one process, so that machine load hits t
 - demo: YOLOv8n with the default STA placements, batch 16 at 256 px, 5 classes (configs/demo.yaml).
 A step is forward, YOLOv8Loss, backward, clip_grad_norm_(10), optimizer step, zero_grad, on random images with
 4 boxes each. Prints the medians, their ratio, and the demo's training time on a machine where the baseline
-step takes --baseline-seconds (25 steps per epoch, 30 epochs; data loading and validation not included).
+step takes --baseline-seconds (25 steps per epoch, 20 epochs; data loading and validation not included).
 """
 
 import argparse
@@ -19,7 +19,7 @@ import torch
 
 from sta_lightning.models import DEFAULT_STA, YOLOv8, YOLOv8Loss
 
-DEMO_STEPS = 30 * 25  # epochs x (400 images / batch 16)
+DEMO_STEPS = 20 * 25  # epochs x (400 images / batch 16)
 
 
 def training_step(sta, image_size: int, batch: int, num_classes: int) -> Callable[[], None]:
