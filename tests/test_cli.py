@@ -158,6 +158,7 @@ def test_validate_from_checkpoint_needs_only_the_data(trained):
     cli = main(
         ["validate", f"--ckpt_path={log_dir / 'checkpoints' / 'last.ckpt'}", *data_args(root / "demo")]
         + ["--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_progress_bar=false"]
+        + [f"--trainer.default_root_dir={root / 'validated'}"]  # where the CLI saves its config.yaml
     )
     # The model was rebuilt from the checkpoint's hyperparameters (an STA block after layer 8 only) ...
     assert list(cli.model.model.sta.keys()) == ["layer8"] and cli.model.hparams.optimizer == "AdamW"
@@ -189,6 +190,7 @@ def test_predict_writes_coco_json_in_original_pixels(trained):
             f"--prediction.output_dir={output}",
             "--prediction.render=true",
             "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={root / 'predicted'}",
         ]
     )
     index = COCO(str(output / "images.json"))
