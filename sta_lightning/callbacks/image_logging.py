@@ -45,7 +45,7 @@ def log_images(
                 logger.experiment.add_image(f"{key}/{index}", image, step, dataformats="HWC")
             handled = True
     if not handled:
-        folder = Path(_run_folder(trainer)) / "images" / _safe_name(key)
+        folder = Path(run_folder(trainer)) / "images" / _safe_name(key)
         folder.mkdir(parents=True, exist_ok=True)
         for index, image in enumerate(_static_images(images, boxes)):
             Image.fromarray(image).save(
@@ -53,7 +53,7 @@ def log_images(
             )
 
 
-def _run_folder(trainer: Trainer) -> str:
+def run_folder(trainer: Trainer) -> str:
     """``trainer.log_dir`` computed locally: that property broadcasts, a collective that rank 0 alone would
     wait on forever."""
     if trainer.loggers:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
+from sta_lightning.callbacks.image_logging import run_folder
 from sta_lightning.data.transforms import read_image
 from sta_lightning.visualize import draw_detections
 
@@ -31,7 +32,7 @@ class PredictionWriter(BasePredictionWriter):
       labels.
 
     Under DDP the ranks' results are gathered and written once by rank 0 (images repeated by the sampler's
-    padding are kept once). ``output_dir`` None means ``<trainer.log_dir>/predictions``.
+    padding are kept once). ``output_dir`` None means ``predictions/`` in the run folder (the logger's log dir).
     """
 
     def __init__(
@@ -73,7 +74,7 @@ class PredictionWriter(BasePredictionWriter):
     def resolved_output_dir(self, trainer: L.Trainer) -> Path:
         if self.output_dir is not None:
             return Path(self.output_dir)
-        return Path(trainer.log_dir or trainer.default_root_dir) / "predictions"
+        return Path(run_folder(trainer)) / "predictions"  # on rank 0 only: no trainer.log_dir broadcast
 
     def write(self, results: list[dict[str, Any]], trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Write the json files (and images) of ``results`` (one dict per image, see ``predict_step``)."""
