@@ -187,3 +187,11 @@ def test_module_validates_its_class_arguments():
     module = DetectionModule(num_classes=3, sta=[{"layer": 8, "stoken_size": [1, 1]}])
     assert list(module.model.sta.keys()) == ["layer8"]
     assert module.hparams.sta[0]["stoken_size"] == (1, 1)
+
+
+def test_default_sta_is_stored_resolved_in_the_hyperparameters():
+    # A checkpoint must rebuild the model it was trained with even if the DEFAULT_STA preset changes later.
+    module = DetectionModule(num_classes=3, sta="default")
+    rebuilt = DetectionModule(num_classes=3, sta=module.hparams.sta)
+    assert [p["layer"] for p in module.hparams.sta] == [p.layer for p in DEFAULT_STA]
+    assert rebuilt.model.state_dict().keys() == module.model.state_dict().keys()

@@ -156,8 +156,9 @@ class DetectionModule(L.LightningModule):
             "multi_label": predict_multi_label,
         }
         placements = sta_placements(sta)
-        if placements and not isinstance(sta, str):
-            # Plain values in the checkpoint, so that it loads with torch.load(weights_only=True).
+        if placements:
+            # Resolved plain values in the checkpoint: it loads with torch.load(weights_only=True) and rebuilds
+            # the same model even if DEFAULT_STA changes later.
             self.hparams["sta"] = [asdict(p) for p in placements]
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}")
