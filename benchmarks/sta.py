@@ -11,9 +11,10 @@ qkv_bias, batch 1, float32):
 - ``sdpa``: global attention over all H*W positions (1x1-conv qkv, ``F.scaled_dot_product_attention``, proj),
   i.e. ``StokenAttention`` with stoken_size (1, 1); skipped above ``--sdpa-max-side`` (quadratic cost).
 
-Time: median wall clock over ``--repeats`` forward+backward passes after 2 warm-up passes, the modules
-interleaved within each repeat (order rotated from one repeat to the next) so that load from other
-processes and cold caches hit them alike.
+Time: median wall clock over ``--repeats`` forward+backward passes after 2 warm-up passes. ``ours`` and
+``official`` are timed interleaved within each repeat (order rotated from one repeat to the next) so that
+load from other processes hits both alike; ``sdpa`` is timed after them, on its own, because its (H*W)^2
+attention evicts the caches and would slow whichever module ran next.
 Memory, two numbers:
 - ``saved``: bytes autograd keeps for backward (``torch.autograd.graph.saved_tensors_hooks``, deduplicated by
   storage), parameters and the input excluded; deterministic.
@@ -25,18 +26,19 @@ Memory, two numbers:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
+import sys
 import time
+from collections.abc import Iterator
 
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's start/stop log lines out of the table
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch._C._profiler import _EventType
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-from torch._C._profiler import _EventType  # noqa: E402
-
-from sta_lightning.nn import StokenAttention  # noqa: E402
+from sta_lightning.nn import StokenAttention
 
 
 class OneHotBank(nn.Module):
@@ -135,6 +137,20 @@ def forward_backward(module: nn.Module, x: Tensor, upstream: Tensor) -> None:
         p.grad = None
 
 
+@contextlib.contextmanager
+def stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null: the profiler's C++ start/stop lines would break up the table."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def peak_bytes(module: nn.Module, x: Tensor, upstream: Tensor) -> int:
     """Peak bytes allocated during one forward+backward, above the level before it."""
     if x.device.type == "cuda":
@@ -144,9 +160,10 @@ def peak_bytes(module: nn.Module, x: Tensor, upstream: Tensor) -> int:
         forward_backward(module, x, upstream)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
+    with (
+        stderr_silenced(),
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         forward_backward(module, x, upstream)
     allocations = []  # (time ns, bytes allocated (> 0) or freed (< 0)) of every CPU allocator call
 
@@ -184,7 +201,7 @@ def median_seconds(
     times: dict[str, list[float]] = {name: [] for name in modules}
     names = list(modules)
     for repeat in range(repeats):
-        # rotate the order: the module run right after a slow one (global SDPA) starts with a cold cache
+        # rotate the order, so that neither module always runs right after the other's cache traffic
         shift = repeat % len(names)
         for name in names[shift:] + names[:shift]:
             times[name].append(timed(modules[name]))
@@ -217,7 +234,6 @@ def main() -> None:
     official.load_state_dict(official_state_dict(ours), strict=True)
     sdpa = StokenAttention(c, (1, 1), num_heads=8, qkv_bias=True).to(device)
     sdpa.load_state_dict(ours.state_dict())
-    modules = {"ours": ours, "official": official, "sdpa": sdpa}
 
     print(
         f"device {device}, threads {torch.get_num_threads()}, torch {torch.__version__}, C={c}, batch 1, fp32"
@@ -230,8 +246,11 @@ def main() -> None:
         upstream = torch.randn(1, c, side, side, device=device)
         with torch.no_grad():
             diff = (ours(x) - official(x)).abs().max().item()
-        active = {n: m for n, m in modules.items() if n != "sdpa" or side <= args.sdpa_max_side}
-        seconds = median_seconds(active, x, upstream, args.repeats)
+        seconds = median_seconds({"ours": ours, "official": official}, x, upstream, args.repeats)
+        active = {"ours": ours, "official": official}
+        if side <= args.sdpa_max_side:
+            seconds |= median_seconds({"sdpa": sdpa}, x, upstream, args.repeats)
+            active["sdpa"] = sdpa
         for name, module in active.items():
             saved, peak = saved_bytes(module, x), peak_bytes(module, x, upstream)
             rows[side, name] = (seconds[name], saved, peak)
