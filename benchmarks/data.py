@@ -5,7 +5,7 @@ Training pipeline (read, resize, 4-image mosaic, affine, colour, flip, collate) 
 demo data.
 Prints the median over batches and the ratio to the 30 img/s per worker goal.
 
-    python benchmarks/data.py [--image-size 640] [--batch-size 16] [--batches 12]
+    python benchmarks/data.py [--image-size 640] [--batch-size 16] [--batches 6]
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def make_datamodule(image_size: int, batch_size: int, workdir: Path) -> tuple[CO
 
 
 def images_per_second(loader, batches: int) -> float:
-    """Median images/s over ``batches`` batches (the first, warm-up batch excluded)."""
+    """Median images/s over ``batches`` batches (at most one epoch; the first, warm-up batch excluded)."""
+    batches = min(batches, len(loader) - 1)
     rates = []
     iterator = iter(loader)
     next(iterator)
@@ -65,7 +66,7 @@ def main() -> None:
         dm.setup("fit")
         torch.manual_seed(0)
         train = images_per_second(dm.train_dataloader(), args.batches)
-        val = images_per_second(dm.val_dataloader(), min(args.batches, len(dm.val_dataloader()) - 1))
+        val = images_per_second(dm.val_dataloader(), args.batches)
     print(f"data: {source}, input {args.image_size}, batch {args.batch_size}, 1 process, 1 thread")
     ratio = train / GOAL_IMAGES_PER_SECOND
     print(f"train pipeline (mosaic): {train:6.1f} img/s per worker = {ratio:.2f}x the 30 img/s goal")
