@@ -2,7 +2,8 @@
 # Multi-node DDP training under SLURM: one task per GPU, Lightning reads the SLURM environment
 # (SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID, SLURM_NODELIST -> MASTER_ADDR, job id -> MASTER_PORT).
 #
-#   sbatch --nodes=2 --gpus-per-node=4 --ntasks-per-node=4 scripts/slurm_train.sh configs/demo.yaml [more CLI args]
+#   sbatch --nodes=2 --gpus-per-node=4 --ntasks-per-node=4 \
+#       scripts/slurm_train.sh configs/coco.yaml --config configs/yolov8s-sta.yaml [more CLI args]
 #
 # --ntasks-per-node must equal --gpus-per-node (Lightning checks that the task count matches devices x nodes).
 # W&B: export WANDB_API_KEY (or `wandb login` once on a login node) for online runs; without a key, or with

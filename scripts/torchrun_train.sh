@@ -3,9 +3,9 @@
 # MASTER_ADDR, MASTER_PORT).
 #
 # One machine, 4 GPUs:
-#   scripts/torchrun_train.sh configs/demo.yaml
+#   scripts/torchrun_train.sh configs/coco.yaml --config configs/yolov8s-sta.yaml
 # Two machines (run the same command on each; HEAD_NODE = hostname or IP of one of them):
-#   NNODES=2 RDZV_ENDPOINT=HEAD_NODE:29500 scripts/torchrun_train.sh configs/demo.yaml
+#   NNODES=2 RDZV_ENDPOINT=HEAD_NODE:29500 scripts/torchrun_train.sh configs/coco.yaml --config configs/yolov8s-sta.yaml
 # Extra arguments go to the LightningCLI, e.g. --trainer.max_epochs 100.
 set -euo pipefail
 
