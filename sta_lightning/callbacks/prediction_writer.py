@@ -32,7 +32,8 @@ class PredictionWriter(BasePredictionWriter):
       labels.
 
     Under DDP the ranks' results are gathered and written once by rank 0 (images repeated by the sampler's
-    padding are kept once). ``output_dir`` None means ``predictions/`` in the run folder (the logger's log dir).
+    padding are kept once). ``output_dir`` None means ``predictions/`` in the run folder (the logger's log
+    dir).
     """
 
     def __init__(

@@ -157,8 +157,8 @@ class DetectionModule(L.LightningModule):
         }
         placements = sta_placements(sta)
         if placements:
-            # Resolved plain values in the checkpoint: it loads with torch.load(weights_only=True) and rebuilds
-            # the same model even if DEFAULT_STA changes later.
+            # Resolved plain values in the checkpoint: it loads with torch.load(weights_only=True) and
+            # rebuilds the same model even if DEFAULT_STA changes later.
             self.hparams["sta"] = [asdict(p) for p in placements]
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}")
