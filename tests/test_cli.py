@@ -5,6 +5,7 @@ import copy
 import csv
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -155,11 +156,15 @@ def test_resume_restores_the_training_state_exactly(trained):
 
 def test_validate_from_checkpoint_needs_only_the_data(trained):
     root, log_dir = trained["root"], trained["log_dir"]
-    cli = main(
-        ["validate", f"--ckpt_path={log_dir / 'checkpoints' / 'last.ckpt'}", *data_args(root / "demo")]
-        + ["--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_progress_bar=false"]
-        + [f"--trainer.default_root_dir={root / 'validated'}"]  # where the CLI saves its config.yaml
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = main(
+            ["validate", f"--ckpt_path={log_dir / 'checkpoints' / 'last.ckpt'}", *data_args(root / "demo")]
+            + ["--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_progress_bar=false"]
+            + [f"--trainer.default_root_dir={root / 'validated'}"]  # where the CLI saves its config.yaml
+        )
+    # The fit-only EMA callback's state is not asked for: no "add the following callbacks" warning.
+    assert not [w for w in caught if "callbacks used to create the checkpoint" in str(w.message)]
     # The model was rebuilt from the checkpoint's hyperparameters (an STA block after layer 8 only) ...
     assert list(cli.model.model.sta.keys()) == ["layer8"] and cli.model.hparams.optimizer == "AdamW"
     # ... with the checkpoint's EMA weights, which give the metrics the last validation of the fit logged.

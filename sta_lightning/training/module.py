@@ -192,9 +192,11 @@ class DetectionModule(L.LightningModule):
         """uint8 (B, 3, S, S) -> float [0, 1] in the parameters' dtype, on this module's device."""
         return images.to(self.device, self.dtype, non_blocking=True) / 255
 
+    def _fitting(self) -> bool:
+        return self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+
     def configure_callbacks(self) -> list[L.Callback]:
-        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
-        if fitting and self.hparams.ema:
+        if self._fitting() and self.hparams.ema:
             return [ModelEMA(decay=self.hparams.ema_decay, tau=self.hparams.ema_tau)]
         return []
 
@@ -297,6 +299,10 @@ class DetectionModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self._fitting():
+            # validate/test/predict use the EMA weights of state_dict; the EMA callback exists only in fit, so
+            # its state has no taker (Lightning would warn to add the callback).
+            checkpoint.get("callbacks", {}).pop(ModelEMA().state_key, None)
         state = checkpoint.get("gradient_accumulation")
         if state is None:
             return
