@@ -1,4 +1,5 @@
-"""COCO loading on real data (counts, categories, crowd, empty images, letterbox round trip); bad input."""
+"""COCO loading on real data (counts, categories, crowd, empty images, letterbox round trip); bad input on
+damaged copies of real and generated data."""
 
 import json
 import shutil
@@ -12,6 +13,7 @@ from pycocotools.coco import COCO
 from sta_lightning.data import AnnotationError, COCODataModule, DataWarning, boxes_to_original
 from sta_lightning.data import coco as coco_module
 from sta_lightning.data.coco import load_coco_index
+from sta_lightning.data.demo import annotation_path, generate_demo_dataset
 
 COCO128 = ("coco128/train2017", "coco128/annotations/instances_train2017.json")
 TINY_VAL = ("coco-tiny-val2017/val2017", "coco-tiny-val2017/annotations/instances_val2017.json")
@@ -83,23 +85,35 @@ def test_boxes_to_original_numpy_and_clipping():
     np.testing.assert_allclose(back, [[12.0, 20.0, 92.0, 100.0], [0.0, 0.0, 150.0, 40.0]])
 
 
-def _small_copy(shared_data: Path, root: Path, count: int = 12) -> tuple[Path, Path, dict]:
-    """The first ``count`` images of coco128 and their annotations, copied to ``root``."""
-    data = json.loads((shared_data / COCO128[1]).read_text())
+@pytest.fixture(scope="module", params=["coco128", "demo"])
+def source(request, tmp_path_factory) -> tuple[Path, Path]:
+    """(image folder, annotation file) of a COCO-format split that the bad-input tests damage copies of: real
+    coco128 JPEGs when ../shared/data is present, and always 12 generated demo images."""
+    if request.param == "coco128":
+        shared_data = request.getfixturevalue("shared_data")
+        return shared_data / COCO128[0], shared_data / COCO128[1]
+    root = generate_demo_dataset(tmp_path_factory.mktemp("demo"), num_train=12, num_val=1)
+    return root / "train", annotation_path(root, "train")
+
+
+def _small_copy(source: tuple[Path, Path], root: Path, count: int = 12) -> tuple[Path, Path, dict]:
+    """The first ``count`` images of ``source`` and their annotations, copied to ``root``."""
+    source_images, source_annotations = source
+    data = json.loads(source_annotations.read_text())
     data["images"] = data["images"][:count]
     kept = {image["id"] for image in data["images"]}
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] in kept]
     image_dir = root / "images"
     image_dir.mkdir(parents=True)
     for image in data["images"]:
-        shutil.copy(shared_data / COCO128[0] / image["file_name"], image_dir)
+        shutil.copy(source_images / image["file_name"], image_dir)
     annotation_file = root / "instances.json"
     annotation_file.write_text(json.dumps(data))
     return image_dir, annotation_file, data
 
 
-def test_bad_images_are_left_out_with_one_warning(shared_data, tmp_path, monkeypatch):
-    image_dir, annotation_file, data = _small_copy(shared_data, tmp_path)
+def test_bad_images_are_left_out_with_one_warning(source, tmp_path, monkeypatch):
+    image_dir, annotation_file, data = _small_copy(source, tmp_path)
     truncated, missing = data["images"][2], data["images"][5]
     jpeg = (image_dir / truncated["file_name"]).read_bytes()
     (image_dir / truncated["file_name"]).write_bytes(jpeg[: len(jpeg) // 2])
@@ -135,13 +149,13 @@ def test_bad_images_are_left_out_with_one_warning(shared_data, tmp_path, monkeyp
         load_coco_index(annotation_file, image_dir)
 
 
-def test_bad_boxes_are_dropped_or_clipped_with_one_warning(shared_data, tmp_path):
-    image_dir, annotation_file, data = _small_copy(shared_data, tmp_path, count=3)
+def test_bad_boxes_are_dropped_or_clipped_with_one_warning(source, tmp_path):
+    image_dir, annotation_file, data = _small_copy(source, tmp_path, count=3)
     first = data["images"][0]
     bad = [[10, 10, 0, 5], [10, 10, -3, 5], [float("nan"), 1, 2, 3], [first["width"] + 5, 1, 10, 10]]
-    template = next(a for a in data["annotations"] if a["image_id"] == first["id"] and not a["iscrowd"])
+    template = next(a for a in data["annotations"] if not a["iscrowd"])
     for k, bbox in enumerate([*bad, [first["width"] - 20, 5, 70, 30]]):
-        data["annotations"].append({**template, "id": 10_000 + k, "bbox": bbox})
+        data["annotations"].append({**template, "id": 10_000 + k, "image_id": first["id"], "bbox": bbox})
     annotation_file.write_text(json.dumps(data))
     with pytest.warns(DataWarning) as record:
         index = load_coco_index(annotation_file, image_dir)
@@ -174,8 +188,8 @@ def test_bad_boxes_are_dropped_or_clipped_with_one_warning(shared_data, tmp_path
         (lambda d: d["annotations"][0].update(category_id=999) or d, AnnotationError, "category_id 999"),
     ],
 )
-def test_malformed_annotation_file_errors_name_file_and_field(shared_data, tmp_path, damage, error, expected):
-    image_dir, annotation_file, data = _small_copy(shared_data, tmp_path, count=3)
+def test_malformed_annotation_file_errors_name_file_and_field(source, tmp_path, damage, error, expected):
+    image_dir, annotation_file, data = _small_copy(source, tmp_path, count=3)
     damaged = damage(data)
     annotation_file.write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
     with pytest.raises(error) as raised:
@@ -197,10 +211,10 @@ def test_missing_files_and_stages_without_data(tmp_path):
         COCODataModule().setup("predict")
 
 
-def test_predict_folder_skips_corrupt_files(shared_data, tmp_path):
+def test_predict_folder_skips_corrupt_files(source, tmp_path):
     folder = tmp_path / "predict"
     folder.mkdir()
-    sources = sorted((shared_data / COCO128[0]).glob("*.jpg"))[:3]
+    sources = sorted(source[0].glob("*.jpg"))[:3]
     for source in sources:
         shutil.copy(source, folder)
     (folder / "broken.jpg").write_bytes(b"not an image")
