@@ -74,8 +74,8 @@ def test_letterbox_round_trip_and_empty_images(shared_data):
             empty += len(boxes) == 0
             seen += 1
     assert seen == 128 and empty == 2  # images 250 and 508 have no annotation
-    assert sorted(dm.evaluation_image_ids("validate")) == sorted(reference.getImgIds())
-    assert dm.val_annotation_file == annotation_file and dm.annotation_file("test") == annotation_file
+    assert sorted(dm.datasets["val"].index.image_ids.tolist()) == sorted(reference.getImgIds())
+    assert dm.annotation_file("validate") == annotation_file and dm.annotation_file("test") == annotation_file
 
 
 def test_boxes_to_original_numpy_and_clipping():
@@ -209,6 +209,8 @@ def test_missing_files_and_stages_without_data(tmp_path):
         dm.setup("fit")
     with pytest.raises(ValueError, match="'predict' needs predict_images"):
         COCODataModule().setup("predict")
+    with pytest.raises(ValueError, match="give test_images and test_annotations together"):
+        COCODataModule(test_images=str(tmp_path))
 
 
 def test_predict_folder_skips_corrupt_files(source, tmp_path):

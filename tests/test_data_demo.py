@@ -54,7 +54,7 @@ def test_demo_datamodule_generates_on_prepare_data(tmp_path, monkeypatch):
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     assert batch["images"].shape == (3, 3, 320, 320)
-    assert dm.val_annotation_file == str(root / "annotations" / "instances_val.json")
+    assert dm.annotation_file("validate") == str(root / "annotations" / "instances_val.json")
 
     DemoDataModule(root=str(root), num_train=5, num_val=3).prepare_data()  # other settings: regenerated
     assert len(json.loads(annotation_file.read_text())["images"]) == 5

@@ -286,6 +286,15 @@ def test_evaluator_input_errors(tmp_path):
         COCOEvaluator(tmp_path / "nothing.json", [1])
     annotation_file = tmp_path / "instances.json"
     write_synthetic_coco(annotation_file, seed=6, num_images=2)
+    # A file that training accepts but evaluation cannot use fails when the evaluator is built (at setup,
+    # before any training), not at the first validation.
+    no_area = json.loads(annotation_file.read_text())
+    del no_area["annotations"][1]["area"]
+    (tmp_path / "no_area.json").write_text(json.dumps(no_area))
+    with pytest.raises(
+        ValueError, match=r"no_area.json: annotations\[1\] must be an object with keys .*'area'"
+    ):
+        COCOEvaluator(tmp_path / "no_area.json", SYNTHETIC_CATEGORY_IDS)
     evaluator = COCOEvaluator(annotation_file, SYNTHETIC_CATEGORY_IDS)
     with pytest.raises(ValueError, match="class index 6 out of range for 6 category ids"):
         evaluator.update(torch.tensor([1000]), [torch.tensor([[0.0, 0.0, 5.0, 5.0, 0.9, 6.0]])])

@@ -84,6 +84,11 @@ class COCODataModule(L.LightningDataModule):
             raise ValueError(
                 f"image_size must be a positive multiple of 32 (the largest stride), got {image_size}"
             )
+        if bool(test_images) != bool(test_annotations):
+            raise ValueError(
+                "give test_images and test_annotations together (without both, 'test' evaluates the "
+                f"validation split), got test_images={test_images!r}, test_annotations={test_annotations!r}"
+            )
         self.save_hyperparameters()
         self.splits = {
             "train": (train_images, train_annotations),
@@ -138,20 +143,9 @@ class COCODataModule(L.LightningDataModule):
         """COCO category id of each contiguous class index."""
         return list(self._require_categories()[0])
 
-    @property
-    def val_annotation_file(self) -> str | None:
-        return self.annotation_file("validate")
-
     def annotation_file(self, stage: str = "validate") -> str | None:
         """The annotation json that evaluation of ``stage`` ('fit', 'validate' or 'test') reads."""
         return self.splits[_EVAL_STAGES[stage]][1]
-
-    def evaluation_image_ids(self, stage: str = "validate") -> list[int]:
-        """COCO ids of the images that evaluation of ``stage`` covers (bad images left out); after setup."""
-        split = _EVAL_STAGES[stage]
-        if split not in self.datasets:
-            raise RuntimeError(f"call setup('{stage}') before asking for its image ids")
-        return [int(i) for i in self.datasets[split].index.image_ids]
 
     @property
     def _rank(self) -> int:

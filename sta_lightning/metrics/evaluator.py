@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from faster_coco_eval import COCO
 
 from sta_lightning.metrics.coco import evaluate_coco, load_coco_annotations
 
@@ -25,7 +24,8 @@ class COCOEvaluator:
     would otherwise count twice), rank 0 evaluates and broadcasts, so every rank returns the same dict. Only
     the images seen since `reset` are evaluated, so a validation subset or skipped (corrupt) images do not
     count as misses.
-    The annotation json is loaded by rank 0 at its first `compute` and reused across epochs.
+    The annotation json is read and checked when the evaluator is built (on every rank, so that a file
+    evaluation cannot use fails at setup) and reused across epochs.
     """
 
     def __init__(
@@ -37,12 +37,12 @@ class COCOEvaluator:
     ) -> None:
         """category_ids: contiguous class index -> COCO category id; per_class, verbose: see evaluate_coco."""
         self.annotation_file = Path(annotation_file)
-        if not self.annotation_file.is_file():
-            raise FileNotFoundError(f"COCO annotation file not found: {self.annotation_file}")
+        # Read now, on every rank: a file that evaluation cannot use (e.g. annotations without "area") fails
+        # before training starts, not at the first validation.
+        self._annotations = load_coco_annotations(self.annotation_file)
         self.category_ids = np.asarray(category_ids, dtype=np.int64)
         self.per_class = per_class
         self.verbose = verbose
-        self._annotations: COCO | None = None
         self._detections: list[ImageDetections] = []
 
     def reset(self) -> None:
@@ -112,8 +112,6 @@ class COCOEvaluator:
             raise ValueError(
                 "COCOEvaluator.compute: no image was added with update() on any rank since reset()"
             )
-        if self._annotations is None:
-            self._annotations = load_coco_annotations(self.annotation_file)
         return evaluate_coco(
             self._annotations,
             np.concatenate(list(unique.values())),

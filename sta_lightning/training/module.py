@@ -356,8 +356,6 @@ class DetectionModule(L.LightningModule):
         annotation_file = None
         if datamodule is not None and hasattr(datamodule, "annotation_file"):
             annotation_file = datamodule.annotation_file(stage)
-        elif datamodule is not None:
-            annotation_file = getattr(datamodule, "val_annotation_file", None)
         if annotation_file is None:
             rank_zero_warn(
                 f"DetectionModule: no annotation file for '{stage}', so no COCO metrics are computed"
