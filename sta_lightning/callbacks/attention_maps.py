@@ -6,7 +6,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from sta_lightning.callbacks.image_logging import log_images
-from sta_lightning.callbacks.validation_samples import ValidationSamplesCallback, detector_input
+from sta_lightning.callbacks.validation_samples import ValidationSamplesCallback
 from sta_lightning.visualize import association_panel, spread_tokens, token_weight_map
 
 CORNER_QUARTERS = ((0.25, 0.25), (0.25, 0.75), (0.75, 0.25), (0.75, 0.75))
@@ -45,7 +45,7 @@ class AttentionMapsCallback(ValidationSamplesCallback):
     def log_samples(self, trainer: Trainer, pl_module: LightningModule, samples: dict) -> None:
         detector = pl_module.model
         with detector.capture_associations() as associations:
-            detector(detector_input(detector, samples["images"]))
+            detector(pl_module.model_input(samples["images"]))
         if not associations:
             rank_zero_warn(
                 "AttentionMapsCallback: the detector has no super-token STA block; nothing to show."

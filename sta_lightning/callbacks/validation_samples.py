@@ -10,19 +10,17 @@ the DDP wrapper and runs no collective, so the other ranks go on without waiting
 train/eval mode is restored afterwards.
 """
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
-from torch import nn
+
+from sta_lightning.training.module import evaluation_mode
 
 
 class ValidationSamplesCallback(Callback):
     """Every ``every_n_epochs`` epochs, ``log_samples`` for the first ``num_images`` validation images.
 
-    For a ``sta_lightning.training.DetectionModule`` (or any module holding its ``YOLOv8`` as ``model``).
+    For a ``sta_lightning.training.DetectionModule`` (its ``model`` is the ``YOLOv8``).
     """
 
     def __init__(self, num_images: int = 4, every_n_epochs: int = 1) -> None:
@@ -65,20 +63,3 @@ class ValidationSamplesCallback(Callback):
             count = min(self.num_images, len(loader.dataset))
             self._samples = (loader.dataset, loader.collate_fn([loader.dataset[i] for i in range(count)]))
         return self._samples[1]
-
-
-def detector_input(detector: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, S, S) images -> float [0, 1] on the detector's device and in its parameter dtype."""
-    parameter = next(detector.parameters())
-    return images.to(parameter.device).to(parameter.dtype) / 255.0
-
-
-@contextmanager
-def evaluation_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Put ``module`` in eval mode for the block and give it back its previous train/eval mode afterwards."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)

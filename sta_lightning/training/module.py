@@ -10,7 +10,8 @@ epochs), clipped to norm 10, and every optimizer step is followed by an EMA upda
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -18,7 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from sta_lightning.data import boxes_to_original
@@ -60,6 +61,17 @@ NMS_ARGUMENTS = (
     "predict_conf_threshold",
     "predict_multi_label",
 )
+
+
+@contextmanager
+def evaluation_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put ``module`` in eval mode for the block and give it back its previous train/eval mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def sta_placements(
@@ -188,7 +200,7 @@ class DetectionModule(L.LightningModule):
         """float images (B, 3, S, S) in [0, 1] -> the detector's output (see ``YOLOv8``)."""
         return self.model(images)
 
-    def _model_input(self, images: Tensor) -> Tensor:
+    def model_input(self, images: Tensor) -> Tensor:
         """uint8 (B, 3, S, S) -> float [0, 1] in the parameters' dtype, on this module's device."""
         return images.to(self.device, self.dtype, non_blocking=True) / 255
 
@@ -258,7 +270,7 @@ class DetectionModule(L.LightningModule):
         settings = self.schedule.at(iteration, self.current_epoch)
         apply_step_settings(optimizer.optimizer, settings)
 
-        predictions = self.model(self._model_input(batch["images"]))
+        predictions = self.model(self.model_input(batch["images"]))
         targets = {key: batch[key] for key in ("batch_idx", "cls", "bboxes")}
         total, items = self.loss(predictions, targets)
         # DDP averages gradients over processes; the recipe sums them.
@@ -323,12 +335,8 @@ class DetectionModule(L.LightningModule):
         """Eval-mode forward + NMS of uint8 images (B, 3, S, S) with the current weights (the EMA ones
         during validation). Thresholds default to the validation ones. Returns per image (n, 6): x1, y1, x2,
         y2 (input pixels), score, class index. The detector's train/eval mode is restored afterwards."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            decoded, _ = self.model(self._model_input(images))
-        finally:
-            self.model.train(was_training)
+        with evaluation_mode(self.model):
+            decoded, _ = self.model(self.model_input(images))
         return non_max_suppression(
             decoded,
             conf_threshold=self.nms["conf_threshold"] if conf_threshold is None else conf_threshold,
