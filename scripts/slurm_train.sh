@@ -29,5 +29,4 @@ srun python -m sta_lightning fit \
     --trainer.devices "${SLURM_NTASKS_PER_NODE}" \
     --trainer.num_nodes "${SLURM_NNODES}" \
     --trainer.strategy ddp \
-    --trainer.sync_batchnorm true \
     "$@"

@@ -27,5 +27,4 @@ torchrun \
     --trainer.devices "$GPUS_PER_NODE" \
     --trainer.num_nodes "$NNODES" \
     --trainer.strategy ddp \
-    --trainer.sync_batchnorm true \
     "$@"

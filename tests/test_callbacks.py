@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 
 from sta_lightning.callbacks import AttentionMapsCallback, COCOMetricTableCallback, PredictionImagesCallback
-from sta_lightning.callbacks.image_logging import log_images
+from sta_lightning.callbacks.image_logging import log_images, run_folder
 from sta_lightning.callbacks.predictions import wandb_box_group
 from sta_lightning.data import DemoDataModule
 from sta_lightning.loggers import OfflineFallbackWandbLogger, wandb_credentials_available
@@ -87,6 +87,7 @@ def offline_fit(tmp_path_factory):
         default_root_dir=str(tmp),
     )
     trainer.fit(module, datamodule)
+    folder = run_folder(trainer)  # where PNG images or predictions of this run would go
     summary = dict(logger.experiment.summary)
     run_dir = Path(logger.experiment.dir).parent
     wandb.finish()
@@ -99,6 +100,8 @@ def offline_fit(tmp_path_factory):
         "raw_weights": raw_weights.state,
         "summary": summary,
         "root": tmp,
+        "run_folder": folder,
+        "run_id": logger.version,
     }
 
 
@@ -107,6 +110,11 @@ def test_exactly_one_offline_run(offline_fit):
     assert [run.name for run in runs] == [offline_fit["run_dir"].name]
     assert offline_fit["run_dir"].name.startswith("offline-run-")
     assert len(list(offline_fit["run_dir"].glob("run-*.wandb"))) == 1
+
+
+def test_run_folder_of_a_wandb_run_is_its_own(offline_fit):
+    # The checkpoint folder's parent (ModelCheckpoint's rule), not the shared save_dir.
+    assert offline_fit["run_folder"] == str(offline_fit["root"] / "sta-test" / offline_fit["run_id"])
 
 
 def test_attention_map_images(offline_fit):

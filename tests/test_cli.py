@@ -203,7 +203,8 @@ def test_predict_writes_coco_json_in_original_pixels(trained):
     assert [index.imgs[i]["file_name"] for i in sorted(index.imgs)] == [p.name for p in images]
     assert {c["name"] for c in index.cats.values()} == {"circle", "square", "triangle", "star", "cross"}
     assert len(results.anns) > 0
-    assert sorted(p.name for p in (output / "images").iterdir()) == [p.stem + ".jpg" for p in images]
+    rendered = [f"{i:06d}_{p.stem}.jpg" for i, p in enumerate(images)]
+    assert sorted(p.name for p in (output / "images").iterdir()) == rendered
 
     # Boxes are the detector's on the letterboxed input mapped back, (box - pad) / scale: original pixels.
     # (The 5 images went through the detector as one batch: the same batch here gives bitwise equal scores.)

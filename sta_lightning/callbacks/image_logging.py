@@ -4,6 +4,7 @@ The one place that knows how each logger takes an image. Call it on global rank 
 ``trainer.is_global_zero``); nothing here runs a collective.
 """
 
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,13 +55,17 @@ def log_images(
 
 
 def run_folder(trainer: Trainer) -> str:
-    """``trainer.log_dir`` computed locally: that property broadcasts, a collective that rank 0 alone would
-    wait on forever."""
+    """The run's own folder, computed locally (``trainer.log_dir`` broadcasts, a collective that rank 0 alone
+    would wait on forever): the log dir of a TensorBoard / CSV logger, ``save_dir/name/version`` of other
+    loggers (where ModelCheckpoint puts ``checkpoints/``; for W&B ``<save_dir>/<project>/<run id>``), else
+    the trainer's ``default_root_dir``."""
     if trainer.loggers:
         first = trainer.loggers[0]
-        folder = first.log_dir if isinstance(first, TensorBoardLogger | CSVLogger) else first.save_dir
-        if folder is not None:
-            return folder
+        if isinstance(first, TensorBoardLogger | CSVLogger):
+            return first.log_dir
+        if first.save_dir is not None:
+            version = first.version if isinstance(first.version, str) else f"version_{first.version}"
+            return os.path.join(first.save_dir, str(first.name), version)
     return trainer.default_root_dir
 
 

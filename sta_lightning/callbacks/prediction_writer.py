@@ -28,7 +28,8 @@ class PredictionWriter(BasePredictionWriter):
       original image pixels, "score"}; class indices are mapped to the model's category ids;
     - ``images.json``: {"images": [{"id", "file_name", "height", "width"}], "categories": [{"id", "name"}],
       "annotations": []}, so ``COCO("images.json").loadRes("predictions.json")`` works;
-    - with ``render``: ``images/<file stem>.<image_format>``, each image with its boxes and "class score"
+    - with ``render``: ``images/<image id>_<file stem>.<image_format>`` (ids number the inputs from 0, so
+      equal names from different folders do not collide), each image with its boxes and "class score"
       labels.
 
     Under DDP the ranks' results are gathered and written once by rank 0 (images repeated by the sampler's
@@ -122,6 +123,6 @@ class PredictionWriter(BasePredictionWriter):
         # Prediction reads images with their EXIF orientation, so the boxes are in that frame.
         drawn = draw_detections(read_image(path, apply_exif_orientation=True), found[:, :4], labels)
         cv2.imwrite(
-            str(folder / f"{path.stem}.{self.image_format}"),
+            str(folder / f"{result['image_id']:06d}_{path.stem}.{self.image_format}"),
             cv2.cvtColor(np.ascontiguousarray(drawn), cv2.COLOR_RGB2BGR),
         )
