@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from matplotlib import colormaps
 from torchvision.utils import draw_bounding_boxes
 
-NEIGHBOUR_SLOTS = 9  # slot k is the super-token cell offset (k // 3 - 1, k % 3 - 1) from the pixel's own cell
+from sta_lightning.nn.sta import NEIGHBOUR_SLOTS
 
 
 def slot_token_indices(

@@ -11,7 +11,7 @@ noticed: delete the cache then.
 
 The json is parsed with ``json`` rather than pycocotools' ``COCO`` because the checks below must name the
 file, record and field of any fault, where ``COCO.createIndex`` stops with a bare KeyError; the evaluator
-reads the same file with pycocotools.
+reads the same file with faster-coco-eval's ``COCO`` (the pycocotools API).
 """
 
 from __future__ import annotations

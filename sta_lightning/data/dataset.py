@@ -114,8 +114,8 @@ class ImageFolderDataset(Dataset):
 def list_image_files(source: str | Path | list[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Expand an image path, a folder (its image files, sorted) or a list of paths; split off unusable files.
 
-    Returns (usable paths, [(path, reason)] of the unusable ones). Raises FileNotFoundError for a missing
-    folder or path given directly, and ValueError when no image file is found.
+    Returns (usable paths, [(path, reason)] of the unusable ones: missing, unreadable or not an image, a
+    missing path given directly included). Raises ValueError when no image file is found.
     """
     sources = [source] if isinstance(source, (str, Path)) else list(source)
     paths: list[Path] = []

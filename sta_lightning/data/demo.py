@@ -3,7 +3,8 @@
 Five classes (``DEMO_CLASS_NAMES``) of filled, rotated shapes, one colour drawn per instance, on noisy
 gradient backgrounds with thin clutter lines; images 240-480 px a side in varied aspect ratios, 1-6 objects
 each with moderate overlap, a few empty images, and a few iscrowd regions (clusters of tiny shapes) that
-evaluation ignores. Objects are 28-110 px across at the native size. The output is deterministic: the same
+evaluation ignores. Objects have a circumradius of 14 px up to 0.23 x the image's short side (at most
+110 px) at the native size. The output is deterministic: the same
 bytes for the same seed (each image has its own random stream, so changing the counts leaves the other
 images unchanged).
 

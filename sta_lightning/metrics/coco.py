@@ -125,7 +125,8 @@ def evaluate_coco(
         verbose: print COCOeval's summary table to stdout (silent by default).
 
     Returns:
-        dict with the 12 `STAT_NAMES` as floats (COCOeval.stats; -1 where undefined), plus "map_per_class".
+        dict with the 12 `STAT_NAMES` as floats (COCOeval.stats; -1 where undefined), plus "map_per_class"
+        with `per_class`.
     """
     coco = annotation_file if isinstance(annotation_file, COCO) else load_coco_annotations(annotation_file)
     source = coco.annotation_file if isinstance(coco.annotation_file, str) else "(in-memory annotations)"

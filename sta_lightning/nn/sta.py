@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 # The official code divides by (affinity sum + 1e-12); we keep that eps and compute it in >= float32.
 _EPS = 1e-12
-_NEIGHBOURS = 9  # 3x3 super-token neighbourhood; slot k is the offset (k // 3 - 1, k % 3 - 1)
+NEIGHBOUR_SLOTS = 9  # 3x3 super-token neighbourhood; slot k is the offset (k // 3 - 1, k % 3 - 1)
 # Fixed one-hot (9, 1, 3, 3) conv banks the official module stores as parameters; they carry no information.
 _OFFICIAL_FIXED_BANKS = ("unfold.weights", "fold.weights")
 
@@ -85,7 +85,7 @@ def _gather_neighbours(tokens: Tensor) -> Tensor:
     b, c, hh, ww = tokens.shape
     padded = F.pad(tokens.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, hh+2, ww+2, C)
     windows = padded.unfold(1, 3, 1).unfold(2, 3, 1)  # (B, hh, ww, C, 3, 3) view
-    return windows.permute(0, 1, 2, 4, 5, 3).reshape(b, hh * ww, _NEIGHBOURS, c)
+    return windows.permute(0, 1, 2, 4, 5, 3).reshape(b, hh * ww, NEIGHBOUR_SLOTS, c)
 
 
 def _scatter_neighbours(per_cell: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -94,7 +94,7 @@ def _scatter_neighbours(per_cell: Tensor, grid: tuple[int, int]) -> Tensor:
     Contributions to neighbours outside the grid are dropped (``F.fold`` is the adjoint of ``F.unfold``).
     """
     b, m, _, c = per_cell.shape
-    return F.fold(per_cell.permute(0, 3, 2, 1).reshape(b, c * _NEIGHBOURS, m), grid, 3, padding=1)
+    return F.fold(per_cell.permute(0, 3, 2, 1).reshape(b, c * NEIGHBOUR_SLOTS, m), grid, 3, padding=1)
 
 
 # Gather and scatter are adjoint linear maps; as custom autograd each one's backward is the other, which is
@@ -332,9 +332,11 @@ class StokenAttention(nn.Module):
     ) -> StokenAssociation:
         """Affinity (B, M, 9, P) -> StokenAssociation with (B, 9, H, W) weights, out-of-grid slots zeroed."""
         (h, w), (hh, ww) = self.stoken_size, grid
-        inside = F.unfold(affinity.new_ones(1, 1, hh, ww), 3, padding=1).view(1, _NEIGHBOURS, hh, 1, ww, 1)
-        weights = affinity.view(-1, hh, ww, _NEIGHBOURS, h, w).permute(0, 3, 1, 4, 2, 5) * inside
-        weights = weights.reshape(-1, _NEIGHBOURS, hh * h, ww * w)[:, :, : size[0], : size[1]]
+        inside = F.unfold(affinity.new_ones(1, 1, hh, ww), 3, padding=1).view(
+            1, NEIGHBOUR_SLOTS, hh, 1, ww, 1
+        )
+        weights = affinity.view(-1, hh, ww, NEIGHBOUR_SLOTS, h, w).permute(0, 3, 1, 4, 2, 5) * inside
+        weights = weights.reshape(-1, NEIGHBOUR_SLOTS, hh * h, ww * w)[:, :, : size[0], : size[1]]
         return StokenAssociation(weights.float(), grid, self.stoken_size)
 
 
@@ -349,7 +351,7 @@ def _drop_official_fixed_banks(
     error_msgs: list,
 ) -> None:
     """Load-state-dict pre-hook: drop the official fixed banks from the dict, checking they are one-hot."""
-    expected = torch.eye(_NEIGHBOURS).view(_NEIGHBOURS, 1, 3, 3)
+    expected = torch.eye(NEIGHBOUR_SLOTS).view(NEIGHBOUR_SLOTS, 1, 3, 3)
     for name in _OFFICIAL_FIXED_BANKS:
         bank = state_dict.pop(prefix + name, None)
         if bank is None:

@@ -43,7 +43,7 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """SGD (nesterov) or AdamW (betas (momentum, 0.999)) over the three groups; decay on ``weight`` only.
 
-    Each param group carries its ``name`` ("bias", "weight", "norm") and its base lr ``initial_lr``.
+    Each param group carries its ``name`` ("bias", "weight", "norm").
     """
     groups = parameter_groups(model)
     param_groups = [
@@ -56,8 +56,6 @@ def build_optimizer(
         optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=(momentum, 0.999))
     else:
         raise ValueError(f"optimizer must be 'SGD' or 'AdamW', got {name!r}")
-    for group in optimizer.param_groups:
-        group["initial_lr"] = lr
     return optimizer
 
 
