@@ -5,26 +5,12 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 
-# COCOeval.stats in order, with the wording of its printed summary.
-COCO_STAT_DESCRIPTIONS = {
-    "map": "AP @ IoU=0.50:0.95, area=all, maxDets=100",
-    "map_50": "AP @ IoU=0.50, area=all, maxDets=100",
-    "map_75": "AP @ IoU=0.75, area=all, maxDets=100",
-    "map_small": "AP @ IoU=0.50:0.95, area=small, maxDets=100",
-    "map_medium": "AP @ IoU=0.50:0.95, area=medium, maxDets=100",
-    "map_large": "AP @ IoU=0.50:0.95, area=large, maxDets=100",
-    "mar_1": "AR @ IoU=0.50:0.95, area=all, maxDets=1",
-    "mar_10": "AR @ IoU=0.50:0.95, area=all, maxDets=10",
-    "mar_100": "AR @ IoU=0.50:0.95, area=all, maxDets=100",
-    "mar_small": "AR @ IoU=0.50:0.95, area=small, maxDets=100",
-    "mar_medium": "AR @ IoU=0.50:0.95, area=medium, maxDets=100",
-    "mar_large": "AR @ IoU=0.50:0.95, area=large, maxDets=100",
-}
+from sta_lightning.metrics.coco import COCO_STATS
 
 
 def coco_stat_rows(metrics: dict) -> list[list]:
     """The 12 COCO statistics as [metric, description, value] rows, in COCOeval.stats order."""
-    return [[name, description, float(metrics[name])] for name, description in COCO_STAT_DESCRIPTIONS.items()]
+    return [[stat.key, stat.description, float(metrics[stat.key])] for stat in COCO_STATS]
 
 
 def per_class_rows(

@@ -11,25 +11,36 @@ import json
 import os
 from collections.abc import Container, Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
 
+
+class COCOStat(NamedTuple):
+    """One of the 12 COCOeval statistics."""
+
+    key: str  # key in evaluate_coco's result
+    logged: str  # name logged by DetectionModule, after "val/" or "test/"
+    description: str  # the wording of COCOeval's printed summary
+
+
 # COCOeval.stats order (iouType "bbox", maxDets [1, 10, 100], area ranges all/small/medium/large).
-STAT_NAMES = (
-    "map",
-    "map_50",
-    "map_75",
-    "map_small",
-    "map_medium",
-    "map_large",
-    "mar_1",
-    "mar_10",
-    "mar_100",
-    "mar_small",
-    "mar_medium",
-    "mar_large",
+COCO_STATS = (
+    COCOStat("map", "mAP", "AP @ IoU=0.50:0.95, area=all, maxDets=100"),
+    COCOStat("map_50", "mAP50", "AP @ IoU=0.50, area=all, maxDets=100"),
+    COCOStat("map_75", "mAP75", "AP @ IoU=0.75, area=all, maxDets=100"),
+    COCOStat("map_small", "mAP_small", "AP @ IoU=0.50:0.95, area=small, maxDets=100"),
+    COCOStat("map_medium", "mAP_medium", "AP @ IoU=0.50:0.95, area=medium, maxDets=100"),
+    COCOStat("map_large", "mAP_large", "AP @ IoU=0.50:0.95, area=large, maxDets=100"),
+    COCOStat("mar_1", "mAR1", "AR @ IoU=0.50:0.95, area=all, maxDets=1"),
+    COCOStat("mar_10", "mAR10", "AR @ IoU=0.50:0.95, area=all, maxDets=10"),
+    COCOStat("mar_100", "mAR100", "AR @ IoU=0.50:0.95, area=all, maxDets=100"),
+    COCOStat("mar_small", "mAR_small", "AR @ IoU=0.50:0.95, area=small, maxDets=100"),
+    COCOStat("mar_medium", "mAR_medium", "AR @ IoU=0.50:0.95, area=medium, maxDets=100"),
+    COCOStat("mar_large", "mAR_large", "AR @ IoU=0.50:0.95, area=large, maxDets=100"),
 )
+STAT_NAMES = tuple(stat.key for stat in COCO_STATS)
 
 _REQUIRED_KEYS = {
     "images": ("id",),

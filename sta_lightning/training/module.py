@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from sta_lightning.data import boxes_to_original
-from sta_lightning.metrics import COCOEvaluator
+from sta_lightning.metrics import COCO_STATS, COCOEvaluator
 from sta_lightning.models import DEFAULT_STA, STAPlacement, YOLOv8, YOLOv8Loss, non_max_suppression
 from sta_lightning.training.ema import ModelEMA
 from sta_lightning.training.optim import (
@@ -37,21 +37,6 @@ from sta_lightning.training.optim import (
     warmup_iterations,
 )
 
-# evaluate_coco key -> logged name (prefixed with "val/" or "test/").
-METRIC_NAMES = {
-    "map": "mAP",
-    "map_50": "mAP50",
-    "map_75": "mAP75",
-    "map_small": "mAP_small",
-    "map_medium": "mAP_medium",
-    "map_large": "mAP_large",
-    "mar_1": "mAR1",
-    "mar_10": "mAR10",
-    "mar_100": "mAR100",
-    "mar_small": "mAR_small",
-    "mar_medium": "mAR_medium",
-    "mar_large": "mAR_large",
-}
 LOSS_NAMES = ("box_loss", "cls_loss", "dfl_loss")
 NMS_ARGUMENTS = (
     "conf_threshold",
@@ -396,10 +381,10 @@ class DetectionModule(L.LightningModule):
         if self.evaluator is None:
             return
         self.coco_metrics = self.evaluator.compute()
-        for key, name in METRIC_NAMES.items():
+        for stat in COCO_STATS:
             # Identical on every rank already: the sync (a mean of equal values) only tells Lightning so.
-            value = float(self.coco_metrics[key])
-            self.log(f"{prefix}/{name}", value, prog_bar=name in ("mAP", "mAP50"), sync_dist=True)
+            value = float(self.coco_metrics[stat.key])
+            self.log(f"{prefix}/{stat.logged}", value, prog_bar=stat.key in ("map", "map_50"), sync_dist=True)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Per image: {"image_id", "path", "orig_size" (h, w), "detections" (n, 6): x1, y1, x2, y2 in
