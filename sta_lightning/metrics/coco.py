@@ -7,7 +7,6 @@ or for a category without ground truth in the evaluated images).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Container, Iterable, Sequence
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import NamedTuple
 
 import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
+
+from sta_lightning.data.coco import AnnotationError, load_annotation_json
 
 
 class COCOStat(NamedTuple):
@@ -56,22 +57,11 @@ def load_coco_annotations(annotation_file: str | os.PathLike) -> COCO:
     Load once and pass the result to `evaluate_coco` to evaluate repeatedly (full COCO val takes ~1 s).
     """
     path = Path(annotation_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"COCO annotation file not found: {path}")
-    try:
-        with path.open("rb") as file:
-            dataset = json.load(file)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"COCO annotation file {path} is not valid JSON: {error}") from error
-    if not isinstance(dataset, dict):
-        raise ValueError(f"COCO annotation file {path}: expected a JSON object, got {type(dataset).__name__}")
+    dataset = load_annotation_json(path)  # file, JSON and top-level lists checked, errors naming the file
     for section, keys in _REQUIRED_KEYS.items():
-        entries = dataset.get(section)
-        if not isinstance(entries, list):
-            raise ValueError(f"COCO annotation file {path}: missing or non-list '{section}'")
-        for index, entry in enumerate(entries):
+        for index, entry in enumerate(dataset[section]):
             if not isinstance(entry, dict) or any(key not in entry for key in keys):
-                raise ValueError(
+                raise AnnotationError(
                     f"COCO annotation file {path}: {section}[{index}] must be an object with keys {keys}, "
                     f"got {entry!r:.200}"
                 )
