@@ -1,4 +1,4 @@
-"""``validate`` on 2 CPU processes (DDP, gloo) gives the metrics of 1 process."""
+"""``validate`` and ``predict`` on 2 CPU processes (DDP, gloo) give the results of 1 process."""
 
 import csv
 import json
@@ -89,3 +89,39 @@ def test_two_process_validation_equals_one_process(checkpoint):
 
     assert len(single) == 12 and single["val/mAR100"] > 0
     assert double == single
+
+
+def test_two_process_predict_writes_what_one_process_writes(checkpoint):
+    # 7 images on 2 ranks: the sampler repeats one on rank 1; rank 0 gathers and writes each image once.
+    root = checkpoint.parent
+    images = json.dumps(sorted(str(p) for p in (root / "demo" / "val").glob("*.jpg")))
+    common = [f"--ckpt_path={checkpoint}", "--data=sta_lightning.data.COCODataModule"]
+    common += [f"--data.predict_images={images}", "--data.image_size=128", "--data.batch_size=2"]
+    common += ["--data.num_workers=0", "--trainer.accelerator=cpu", "--trainer.logger=false"]
+    common += ["--trainer.enable_progress_bar=false", "--model.predict_conf_threshold=0.01"]
+    main(["predict", *common, "--trainer.devices=1", f"--prediction.output_dir={root / 'predict_one'}"])
+
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "sta_lightning", "predict", *common, "--trainer.devices=2"]
+    command += ["--trainer.strategy=ddp", f"--prediction.output_dir={root / 'predict_two'}"]
+    finished = subprocess.run(command, cwd=root, env=environment, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    def written(name: str) -> tuple[object, object]:
+        return tuple(json.loads((root / f / name).read_text()) for f in ("predict_one", "predict_two"))
+
+    single, double = written("images.json")
+    assert double == single and len(single["images"]) == NUM_VAL
+    # Same detections; the ranks batch the images differently, which moves boxes by float rounding only.
+    single, double = written("predictions.json")
+    assert len(single) > 0 and len(double) == len(single)
+    unmatched = list(double)
+    for one in single:  # near-equal scores may come out in another order: match each detection
+        match = next(
+            two
+            for two in unmatched
+            if (two["image_id"], two["category_id"]) == (one["image_id"], one["category_id"])
+            and two["bbox"] == pytest.approx(one["bbox"], abs=0.05)
+            and two["score"] == pytest.approx(one["score"], abs=1e-4)
+        )
+        unmatched.remove(match)

@@ -9,12 +9,12 @@ from typing import Any, Literal
 import cv2
 import lightning as L
 import numpy as np
-import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from sta_lightning.callbacks.image_logging import run_folder
 from sta_lightning.data.transforms import read_image
+from sta_lightning.distributed import gather_on_rank_zero
 from sta_lightning.visualize import draw_detections
 
 DETECTIONS_FILE = "predictions.json"
@@ -63,12 +63,8 @@ class PredictionWriter(BasePredictionWriter):
             self._results.append({**result, "detections": result["detections"].numpy()})
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        results = self._results
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[list[dict[str, Any]] | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, results)
-            results = [result for rank_results in gathered for result in rank_results]
-        if trainer.is_global_zero:
+        results = gather_on_rank_zero(self._results)
+        if results is not None:  # global rank 0
             unique = {result["image_id"]: result for result in results}
             self.write(sorted(unique.values(), key=lambda r: r["image_id"]), trainer, pl_module)
         self._results = []

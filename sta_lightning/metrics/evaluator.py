@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sta_lightning.distributed import gather_on_rank_zero, is_distributed
 from sta_lightning.metrics.coco import evaluate_coco, load_coco_annotations
 
 ImageDetections = tuple[int, np.ndarray]  # (COCO image id, (n, 7) [image_id, x, y, w, h, score, category_id])
@@ -82,15 +83,13 @@ class COCOEvaluator:
 
     def compute(self) -> dict:
         """The 12 COCO stats (and "map_per_class" if per_class) over the images seen by all ranks."""
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if not distributed:
+        if not is_distributed():
             return self._evaluate(self._detections)
-        gathered: list[list[ImageDetections] | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, self._detections)
+        gathered = gather_on_rank_zero(self._detections)
         outcome: dict | Exception | None = None
-        if dist.get_rank() == 0:
+        if gathered is not None:  # rank 0
             try:
-                outcome = self._evaluate(entry for rank_detections in gathered for entry in rank_detections)
+                outcome = self._evaluate(gathered)
             except Exception as error:  # sent to the other ranks so that they raise too instead of waiting
                 outcome = error
         message = [outcome]

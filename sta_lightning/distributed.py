@@ -1,0 +1,25 @@
+"""Collecting per-rank results on global rank 0 under torch.distributed (DDP), or as they are without it."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_on_rank_zero(items: list[T]) -> list[T] | None:
+    """Every rank's ``items`` (picklable) concatenated in rank order on global rank 0, None on the other
+    ranks; ``items`` as they are without a process group. Collective: every rank must call it."""
+    if not is_distributed():
+        return list(items)
+    rank_zero = dist.get_rank() == 0
+    gathered: list[list[T] | None] | None = [None] * dist.get_world_size() if rank_zero else None
+    dist.gather_object(items, gathered, dst=0)
+    return [item for rank_items in gathered for item in rank_items] if rank_zero else None
