@@ -195,3 +195,12 @@ def test_default_sta_is_stored_resolved_in_the_hyperparameters():
     rebuilt = DetectionModule(num_classes=3, sta=module.hparams.sta)
     assert [p["layer"] for p in module.hparams.sta] == [p.layer for p in DEFAULT_STA]
     assert rebuilt.model.state_dict().keys() == module.model.state_dict().keys()
+
+
+def test_assigner_settings_reach_the_loss():
+    module = DetectionModule(
+        num_classes=3, assigner_topk=13, assigner_alpha=1.0, assigner_beta=4.0, min_box_side=16
+    )
+    assigner = module.loss.assigner
+    assert (assigner.topk, assigner.alpha, assigner.beta, assigner.min_box_side) == (13, 1.0, 4.0, 16)
+    assert DetectionModule(num_classes=3).loss.assigner.min_box_side is None  # classic YOLOv8 by default

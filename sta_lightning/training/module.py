@@ -99,6 +99,10 @@ class DetectionModule(L.LightningModule):
         ema: keep an exponential moving average of the weights for validation and checkpoints.
         ema_decay, ema_tau: EMA decay d = ema_decay (1 - exp(-updates / ema_tau)).
         box_gain, cls_gain, dfl_gain: loss gains.
+        assigner_topk, assigner_alpha, assigner_beta: task-aligned assigner (candidates per GT, exponents of
+            the classification score and the CIoU in the alignment metric).
+        min_box_side: pixels; GT sides shorter than this count as this long in the assigner's inside test
+            (16 is what Ultralytics 8.4 does); null keeps the classic YOLOv8 behaviour.
         conf_threshold, iou_threshold, max_det, multi_label: NMS for validation and test.
         predict_conf_threshold, predict_multi_label: NMS for ``predict``.
 
@@ -131,6 +135,10 @@ class DetectionModule(L.LightningModule):
         box_gain: float = 7.5,
         cls_gain: float = 0.5,
         dfl_gain: float = 1.5,
+        assigner_topk: int = 10,
+        assigner_alpha: float = 0.5,
+        assigner_beta: float = 6.0,
+        min_box_side: float | None = None,
         conf_threshold: float = 0.001,
         iou_threshold: float = 0.7,
         max_det: int = 300,
@@ -170,6 +178,10 @@ class DetectionModule(L.LightningModule):
             box_gain=box_gain,
             cls_gain=cls_gain,
             dfl_gain=dfl_gain,
+            topk=assigner_topk,
+            alpha=assigner_alpha,
+            beta=assigner_beta,
+            min_box_side=min_box_side,
         )
         self.class_names = (
             list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
