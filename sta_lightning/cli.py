@@ -51,12 +51,13 @@ class STALightningCLI(LightningCLI):
         """``datamodule.<key>``, or the checkpoint's when the datamodule has no annotation file."""
         try:
             return getattr(datamodule, key)
-        except RuntimeError as no_classes:  # COCODataModule without any annotation file
+        # RuntimeError: a COCODataModule without any annotation file; AttributeError: another datamodule.
+        except (RuntimeError, AttributeError) as no_classes:
             hyperparameters = self._checkpoint_hyperparameters()
             if key not in hyperparameters:
                 raise ValueError(
-                    f"the model's {key} is unknown: give the data an annotation file, or pass --ckpt_path "
-                    "of a checkpoint trained by this project"
+                    f"the model's {key} is unknown ({no_classes}): give the data an annotation file, or pass "
+                    "--ckpt_path of a checkpoint trained by this project"
                 ) from no_classes
             return hyperparameters[key]
 
