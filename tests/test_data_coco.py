@@ -229,3 +229,15 @@ def test_predict_folder_skips_corrupt_files(source, tmp_path):
     assert batch["scales"].tolist() == pytest.approx(
         [320 / max(h, w) for h, w in batch["orig_sizes"].tolist()]
     )
+
+
+def test_category_names_that_differ_between_splits_warn(source, tmp_path):
+    image_dir, train_file, data = _small_copy(source, tmp_path, count=3)
+    data["categories"][0]["name"] = "renamed"
+    val_file = tmp_path / "renamed.json"
+    val_file.write_text(json.dumps(data))
+    dm = COCODataModule(str(image_dir), str(train_file), str(image_dir), str(val_file), num_workers=0)
+    # The classes come from the validation file (the first one read); the training file is the odd one out.
+    expected = r"instances.json: the same category ids carry other names .* annotation file given \['renamed'"
+    with pytest.warns(DataWarning, match=expected):
+        dm.setup("fit")

@@ -161,11 +161,17 @@ class COCODataModule(L.LightningDataModule):
             )
             raise ValueError(f"'{stage}' needs {needed}")
         index = load_coco_index(annotations, images, scan_workers=max(1, self.num_workers))
-        expected_ids, _ = self._require_categories()
+        expected_ids, expected_names = self._require_categories()
         if index.category_ids != expected_ids:
             raise ValueError(
                 f"{annotations}: its categories {list(index.category_ids)} differ from the ones the model "
                 f"was built for {list(expected_ids)} (read from the first annotation file given)"
+            )
+        if index.class_names != expected_names:
+            rank_zero_warn(
+                f"{annotations}: the same category ids carry other names {list(index.class_names)} than in "
+                f"the first annotation file given {list(expected_names)}; plots and tables use the latter",
+                category=DataWarning,
             )
         if split != "train":
             return CocoDetectionDataset(index, self.image_size)
