@@ -241,3 +241,18 @@ def test_category_names_that_differ_between_splits_warn(source, tmp_path):
     expected = r"instances.json: the same category ids carry other names .* annotation file given \['renamed'"
     with pytest.warns(DataWarning, match=expected):
         dm.setup("fit")
+
+
+def test_prepare_data_scans_once_so_setup_reads_the_cache(source, tmp_path, monkeypatch):
+    image_dir, annotation_file, _ = _small_copy(source, tmp_path, count=4)
+    dm = COCODataModule(
+        str(image_dir), str(annotation_file), str(image_dir), str(annotation_file), num_workers=0
+    )
+    dm.prepare_data()  # Lightning: local rank 0 of each node, before every rank's setup
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("images scanned again")
+
+    monkeypatch.setattr(coco_module, "_scan_images", no_scan)
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == len(dm.datasets["val"]) == 4

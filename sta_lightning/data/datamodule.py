@@ -151,6 +151,14 @@ class COCODataModule(L.LightningDataModule):
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
 
+    def prepare_data(self) -> None:
+        """Check every split's annotation file and images once per node (Lightning calls this on local rank
+        0 only, before ``setup``), so that the ranks' ``setup`` read the cached index instead of each
+        scanning the images."""
+        for image_dir, annotation_file in dict.fromkeys(self.splits.values()):
+            if image_dir and annotation_file:
+                load_coco_index(annotation_file, image_dir, scan_workers=max(1, self.num_workers))
+
     def _load_split(self, split: str, stage: str) -> CocoDetectionDataset:
         images, annotations = self.splits[split]
         if not images or not annotations:
@@ -287,3 +295,4 @@ class DemoDataModule(COCODataModule):
         if not demo.demo_is_complete(self.root, **self.generator_settings):
             rank_zero_info(f"Generating the demo dataset in {self.root}")
             demo.generate_demo_dataset(self.root, **self.generator_settings)
+        super().prepare_data()
