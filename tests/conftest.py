@@ -19,3 +19,10 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "coco128").is_dir():
         pytest.skip(f"real COCO data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def run_in_temporary_folder(tmp_path, monkeypatch):
+    """Each test runs in its own empty folder: whatever a test writes to relative paths (Lightning's default
+    root dir, a saved config.yaml, lightning_logs/) stays out of the checkout."""
+    monkeypatch.chdir(tmp_path)

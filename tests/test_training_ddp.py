@@ -99,6 +99,7 @@ def test_two_process_predict_writes_what_one_process_writes(checkpoint):
     common += [f"--data.predict_images={images}", "--data.image_size=128", "--data.batch_size=2"]
     common += ["--data.num_workers=0", "--trainer.accelerator=cpu", "--trainer.logger=false"]
     common += ["--trainer.enable_progress_bar=false", "--model.predict_conf_threshold=0.01"]
+    common += [f"--trainer.default_root_dir={root / 'predict_run'}"]  # where the CLI saves its config.yaml
     main(["predict", *common, "--trainer.devices=1", f"--prediction.output_dir={root / 'predict_one'}"])
 
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
