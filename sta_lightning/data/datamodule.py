@@ -17,7 +17,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from sta_lightning.data import demo
 from sta_lightning.data.coco import DataWarning, load_coco_index, read_categories
 from sta_lightning.data.dataset import (
     CocoDetectionDataset,
@@ -266,6 +265,9 @@ class DemoDataModule(COCODataModule):
     The classes are fixed by the generator, so ``num_classes`` works before the files exist.
     """
 
+    # The generator module is imported where it is used: importing it with the package would make
+    # ``python -m sta_lightning.data.demo`` warn that the module was already imported before it ran.
+
     def __init__(
         self,
         root: str = "data/demo",
@@ -276,6 +278,8 @@ class DemoDataModule(COCODataModule):
         batch_size: int = 16,
         **kwargs,
     ) -> None:
+        from sta_lightning.data import demo
+
         self.root = Path(root)
         self.generator_settings = dict(num_train=num_train, num_val=num_val, seed=seed)
         super().__init__(
@@ -289,9 +293,13 @@ class DemoDataModule(COCODataModule):
         )
 
     def _read_categories(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        from sta_lightning.data import demo
+
         return demo.DEMO_CATEGORY_IDS, demo.DEMO_CLASS_NAMES
 
     def prepare_data(self) -> None:
+        from sta_lightning.data import demo
+
         if not demo.demo_is_complete(self.root, **self.generator_settings):
             rank_zero_info(f"Generating the demo dataset in {self.root}")
             demo.generate_demo_dataset(self.root, **self.generator_settings)
