@@ -4,8 +4,8 @@ Usage: python benchmarks/model.py [--scales n s m l x] [--latency-repeats 10] [-
        PYTHONPATH=/tmp/ultra_ref YOLO_OFFLINE=1 python benchmarks/model.py   # adds the reference train step
 
 - GFLOPs: torch.utils.flop_counter.FlopCounterMode at 640x640, batch 1 (2 x multiply-accumulates of convs and
-  matmuls; BN, activations and pooling are not counted). The reference's 8.86 GFLOPs for n are thop MACs x 2,
-  which also count BN and bias additions.
+  matmuls; BN, activations and pooling are not counted): the reference's fused figures (8.74 for n, BN folded
+  into the convs). Its unfused 8.86 GFLOPs for n are thop MACs x 2, which also count BN and bias additions.
 - CPU latency: eval, batch 1 at 640, inference mode, median over repeats after one warm-up; wall time and
   process CPU time (on a loaded machine, `--threads 1` and the CPU column measure the work itself).
 - Train step of n at batch 8, 320 px, 4 random boxes per image: zero_grad, forward, YOLOv8Loss, backward,

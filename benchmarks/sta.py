@@ -6,8 +6,8 @@ Three modules, same weights, measured side by side in one run (C=256, 8 heads, s
 qkv_bias, batch 1, float32):
 - ``ours``: ``sta_lightning.nn.StokenAttention``.
 - ``official``: a straightforward re-implementation of the official algorithm, written here from
-  docs/sta-reference.md (one-hot conv banks for unfold/fold, the official permute copies, explicit-softmax
-  refine attention). Its output is checked against ours.
+  ../shared/docs/sta-reference.md (one-hot conv banks for unfold/fold, the official permute copies,
+  explicit-softmax refine attention). Its output is checked against ours.
 - ``sdpa``: global attention over all H*W positions (1x1-conv qkv, ``F.scaled_dot_product_attention``, proj),
   i.e. ``StokenAttention`` with stoken_size (1, 1); skipped above ``--sdpa-max-side`` (quadratic cost).
 
@@ -67,7 +67,8 @@ class ExplicitGroupedAttention(nn.Module):
 
 
 class OfficialStyleStokenAttention(nn.Module):
-    """Baseline: the official stoken_forward as described in docs/sta-reference.md, state-dict compatible."""
+    """Baseline: the official stoken_forward as ../shared/docs/sta-reference.md describes it; state-dict
+    compatible."""
 
     def __init__(self, dim: int, stoken_size: tuple[int, int], n_iter: int, num_heads: int, qkv_bias: bool):
         super().__init__()

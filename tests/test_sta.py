@@ -1,10 +1,9 @@
 """StokenAttention against a naive dense float64 reference written from the algorithm's description.
 
-The reference (section 5 of docs/sta-reference.md) builds the dense masked pixel -> super-token association
-Q (B, N, M) with one extra column holding the zero-logit mass of out-of-grid neighbours, pools
-S = Q^T X / (colsum Q + 1e-12) with Q constant for autograd, refines S with a per-head loop over the grouped
-q|k|v layout, and returns Q MHSA(S). It shares no code with the module (no unfold/fold, no SDPA).
-"""
+The reference (section 5 of ../shared/docs/sta-reference.md) builds the dense masked pixel -> super-token
+association Q (B, N, M) with one extra column holding the zero-logit mass of out-of-grid neighbours, pools S =
+Q^T X / (colsum Q + 1e-12) with Q constant for autograd, refines S with a per-head loop over the grouped q|k|v
+layout, and returns Q MHSA(S). It shares no code with the module (no unfold/fold, no SDPA)."""
 
 import math
 

@@ -37,7 +37,7 @@ def wandb_box_group(
 
 
 class PredictionImagesCallback(ValidationSamplesCallback):
-    """Predicted boxes (score >= ``conf_threshold`` after NMS) and ground-truth boxes on validation images.
+    """Predicted boxes (score > ``conf_threshold`` after NMS) and ground-truth boxes on validation images.
 
     W&B gets the letterboxed input images with two interactive box groups, "predictions" (captions with class
     name and score) and "ground_truth"; TensorBoard and PNG files get both drawn in (green: predictions,
@@ -95,7 +95,7 @@ class PredictionImagesCallback(ValidationSamplesCallback):
                 }
             )
             captions.append(
-                f"image {image_id}: {len(predicted)} predictions (score >= {self.conf_threshold:g}), "
+                f"image {image_id}: {len(predicted)} predictions (score > {self.conf_threshold:g}), "
                 f"{int(own.sum())} ground-truth boxes"
             )
         log_images(trainer, self.key, images, captions, boxes)

@@ -90,9 +90,10 @@ class TrainAugmentation:
     fliplr. Boxes are pascal_voc (xyxy pixels); boxes that an augmentation shrinks below 2 px a side, beyond
     aspect ratio 100 or under 10 % of their area before the step are dropped, as the reference does.
 
-    Two documented differences from the reference: A.Mosaic centres each image in its S x S cell (the
-    reference puts it against the mosaic centre, so non-square images leave grey gaps here), and a zoomed-out
-    affine shows grey borders where the reference shows more of its 2S x 2S mosaic canvas.
+    Three documented differences from the reference: A.Mosaic centres each image in its S x S cell (the
+    reference puts it against the mosaic centre, so non-square images leave grey gaps here); a zoomed-out
+    affine shows grey borders where the reference shows more of its 2S x 2S mosaic canvas; and the HSV gains
+    drive A.ColorJitter (brightness, saturation, hue) instead of the reference's HSV lookup table.
     """
 
     def __init__(

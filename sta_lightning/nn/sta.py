@@ -1,10 +1,11 @@
 """Super Token Attention (Huang et al., "Vision Transformer with Super Token Sampling", CVPR 2023).
 
 Computes the same function as the official ``StokenAttention`` (forward and gradients), with the same
-learnable parameters, but with a layout chosen for speed: pixels are grouped per super-token cell once as
-(B, M, C, P) (M = number of cells, P = pixels per cell), the 3x3 neighbourhood of the super-token map is
-gathered with ``F.unfold`` and scattered back with ``F.fold``, and the refine MHSA runs through
-``F.scaled_dot_product_attention``.
+learnable parameters, but with a layout chosen for speed: the pixel-level products (association, pooling
+into super tokens, mapping back) run over cache-sized chunks of cell rows with the pixels of each
+super-token cell grouped together (M = number of cells, P = pixels per cell), the 3x3 neighbourhood of the
+super-token map is gathered as an unfold view of the padded map and scattered back with ``F.fold`` (an
+adjoint autograd pair), and the refine MHSA runs through ``F.scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
@@ -239,7 +240,8 @@ class StokenAttention(nn.Module):
     (``n_iter`` rounds of association, the map zero-padded right/bottom to whole cells), the super tokens are
     refined by global MHSA and mapped back to pixels through the same association. As in the official code the
     association is never differentiated. ``stoken_size`` (1, 1) is plain global MHSA over all positions.
-    Learnable parameters: ``stoken_refine.{qkv,proj}.{weight,bias}`` (official keys); official state dicts,
+    Learnable parameters: ``stoken_refine.qkv.weight``, ``stoken_refine.qkv.bias`` (with ``qkv_bias``),
+    ``stoken_refine.proj.{weight,bias}`` (official keys); official state dicts,
     which also hold the fixed ``unfold.weights``/``fold.weights`` banks, load with ``strict=True``.
     """
 
