@@ -26,7 +26,7 @@ class COCOEvaluator:
     the images seen since `reset` are evaluated, so a validation subset or skipped (corrupt) images do not
     count as misses.
     The annotation json is read and checked when the evaluator is built (on every rank, so that a file
-    evaluation cannot use fails at setup) and reused across epochs.
+    evaluation cannot use fails at setup); rank 0 keeps it and reuses it across epochs.
     """
 
     def __init__(
@@ -39,8 +39,9 @@ class COCOEvaluator:
         """category_ids: contiguous class index -> COCO category id; per_class, verbose: see evaluate_coco."""
         self.annotation_file = Path(annotation_file)
         # Read now, on every rank: a file that evaluation cannot use (e.g. annotations without "area") fails
-        # before training starts, not at the first validation.
-        self._annotations = load_coco_annotations(self.annotation_file)
+        # before training starts, not at the first validation. Only rank 0 evaluates, so only it keeps it.
+        annotations = load_coco_annotations(self.annotation_file)
+        self._annotations = annotations if not is_distributed() or dist.get_rank() == 0 else None
         self.category_ids = np.asarray(category_ids, dtype=np.int64)
         self.per_class = per_class
         self.verbose = verbose
