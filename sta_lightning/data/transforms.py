@@ -4,7 +4,7 @@ Every image is first resized so that its long side is the input size S (INTER_LI
 reference does), keeping the ratio ``scale = S / max(h0, w0)``. Evaluation and prediction then pad it to
 S x S, centred, with grey 114 (``letterbox``): a box in input pixels maps back with
 ``original = (box - pad) / scale``. Training runs the reference recipe on the resized image with
-albumentations 2.0.8 (``TrainAugmentation``).
+albumentations 2.0.8 and the transforms of ``yolo_augment`` (``TrainAugmentation``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
+
+from sta_lightning.data.yolo_augment import HSVGain, YOLOAffine, YOLOMosaic
 
 PAD_VALUE = 114
 """Grey level of letterbox, mosaic and affine borders (the reference value)."""
@@ -83,17 +85,12 @@ def boxes_to_original(
 class TrainAugmentation:
     """The reference training recipe on images already resized to long side S (albumentations 2.0.8).
 
-    Order: 4-image mosaic (A.Mosaic, S x S window; the three extra images come from the dataset) or, without
-    mosaic, a centred pad to S x S; then random affine (scale factor U[1 - scale, 1 + scale], translation
-    +-translate of S, rotation +-degrees); colour jitter with the reference's HSV gains (value factor U[1 - v,
-    1 + v], saturation factor U[1 - s, 1 + s], hue shift +-h of a turn); horizontal flip with probability
-    fliplr. Boxes are pascal_voc (xyxy pixels); boxes that an augmentation shrinks below 2 px a side, beyond
-    aspect ratio 100 or under 10 % of their area before the step are dropped, as the reference does.
-
-    Three documented differences from the reference: A.Mosaic centres each image in its S x S cell (the
-    reference puts it against the mosaic centre, so non-square images leave grey gaps here); a zoomed-out
-    affine shows grey borders where the reference shows more of its 2S x 2S mosaic canvas; and the HSV gains
-    drive A.ColorJitter (brightness, saturation, hue) instead of the reference's HSV lookup table.
+    Order, as in the reference: a 4-image mosaic on a 2S x 2S canvas (``YOLOMosaic``; the three extra
+    images come from the dataset) or, without mosaic, a centred pad to S x S; then a random affine into the
+    S x S output (``YOLOAffine``: scale factor U[1 - scale, 1 + scale], translation +-translate of S,
+    rotation +-degrees; boxes under 2 px a side, beyond aspect ratio 100 or under 10 % of their scaled area
+    are dropped); HSV gains (``HSVGain``: hue, saturation and value factors U[1 - g, 1 + g]); horizontal flip
+    with probability fliplr. Boxes are pascal_voc (xyxy pixels).
     """
 
     def __init__(
@@ -108,42 +105,25 @@ class TrainAugmentation:
         fliplr: float = 0.5,
     ) -> None:
         size = image_size
-        photometric_and_geometric = [
-            A.Affine(
-                scale=(1.0 - scale, 1.0 + scale),
-                translate_percent=(-translate, translate),
-                rotate=(-degrees, degrees),
-                shear=0.0,
-                interpolation=cv2.INTER_LINEAR,
-                border_mode=cv2.BORDER_CONSTANT,
-                fill=PAD_VALUE,
-                p=1.0,
-            ),
-            A.ColorJitter(brightness=hsv_v, contrast=0.0, saturation=hsv_s, hue=hsv_h, p=1.0),
+        affine_colour_flip = [
+            YOLOAffine(size, degrees=degrees, translate=translate, scale=scale, fill=PAD_VALUE),
+            HSVGain(hue=hsv_h, saturation=hsv_s, value=hsv_v),
             A.HorizontalFlip(p=fliplr),
         ]
         pad = A.PadIfNeeded(size, size, position="center", border_mode=cv2.BORDER_CONSTANT, fill=PAD_VALUE)
-        mosaic = A.Mosaic(
-            grid_yx=(2, 2),
-            target_size=(size, size),
-            cell_shape=(size, size),
-            center_range=(0.0, 1.0),
-            fit_mode="contain",
-            fill=PAD_VALUE,
-            p=1.0,
-        )
-        self.with_mosaic = A.Compose([mosaic, *photometric_and_geometric], bbox_params=self._bbox_params())
-        self.without_mosaic = A.Compose([pad, *photometric_and_geometric], bbox_params=self._bbox_params())
+        mosaic = YOLOMosaic(size, fill=PAD_VALUE)
+        self.with_mosaic = A.Compose([mosaic, *affine_colour_flip], bbox_params=self._bbox_params())
+        self.without_mosaic = A.Compose([pad, *affine_colour_flip], bbox_params=self._bbox_params())
 
     @staticmethod
     def _bbox_params() -> A.BboxParams:
         return A.BboxParams(
             format="pascal_voc",
             label_fields=["labels"],
-            min_width=2.0,
-            min_height=2.0,
-            min_visibility=0.1,
-            max_accept_ratio=100.0,
+            # YOLOAffine drops boxes by the reference's rule; the library's filters stay off.
+            min_width=0.0,
+            min_height=0.0,
+            min_visibility=0.0,
             clip=True,
             filter_invalid_bboxes=True,
         )

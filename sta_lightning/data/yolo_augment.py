@@ -1,0 +1,232 @@
+"""The reference YOLOv8 training augmentations as albumentations 2.0.8 transforms of our own.
+
+The library's ``A.Mosaic``, ``A.Affine`` and ``A.ColorJitter`` differ in effect from the reference recipe
+(images centred in their mosaic cells with grey gaps, grey borders where the reference shows more mosaic,
+a hue shift instead of a hue gain), so these three reproduce what the reference does:
+
+- ``YOLOMosaic``: four images on a 2S x 2S grey canvas, each against a random centre (cx, cy) drawn from
+  U[S/2, 3S/2]: the first image ends at the centre (top left), the others extend from it to the top right,
+  bottom left and bottom right; the canvas edges crop what sticks out.
+- ``YOLOAffine``: rotation and scale about the input's centre, then a translation that puts that centre at
+  U[0.5 - t, 0.5 + t] x S of an S x S output. On a 2S mosaic canvas a zoomed-out output shows more of the
+  canvas, not grey. Boxes keep the reference's candidates: both sides > 2 px, aspect ratio < 100 and more
+  than 10 % of the box's area (times scale^2) left after clipping.
+- ``HSVGain``: hue, saturation and value multiplied by gains drawn from U[1 - g, 1 + g] (OpenCV HSV, hue in
+  0..179, wrapping), through lookup tables.
+
+Inside an ``A.Compose`` boxes are the library's normalised xyxy rows with extra label columns; the
+transforms change only the first four columns and drop rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cv2
+import numpy as np
+from albumentations.augmentations.mixing.functional import preprocess_selected_mosaic_items
+from albumentations.core.bbox_utils import denormalize_bboxes, normalize_bboxes
+from albumentations.core.transforms_interface import DualTransform, ImageOnlyTransform
+
+MIN_BOX_SIDE = 2.0
+"""Pixels: a box whose side is not longer than this after the affine is dropped."""
+MAX_ASPECT_RATIO = 100.0
+MIN_AREA_FRACTION = 0.1
+"""A box keeps more than this fraction of its area (scaled by the affine) after clipping, or is dropped."""
+
+
+def _shape(height: int, width: int) -> dict[str, int]:
+    return {"height": height, "width": width}
+
+
+def mosaic_cell(corner: int, center: tuple[int, int], image_hw: tuple[int, int], canvas: int) -> tuple:
+    """Where image ``corner`` (0 top left, 1 top right, 2 bottom left, 3 bottom right) goes on the canvas.
+
+    Returns ((x1, y1, x2, y2) on the canvas, (x1, y1, x2, y2) of the part of the image that fills it), in
+    pixels; both boxes have the same size. The image touches the centre with its opposite corner.
+    """
+    cx, cy = center
+    h, w = image_hw
+    if corner == 0:
+        dst = (max(cx - w, 0), max(cy - h, 0), cx, cy)
+        src = (w - (dst[2] - dst[0]), h - (dst[3] - dst[1]), w, h)
+    elif corner == 1:
+        dst = (cx, max(cy - h, 0), min(cx + w, canvas), cy)
+        src = (0, h - (dst[3] - dst[1]), dst[2] - dst[0], h)
+    elif corner == 2:
+        dst = (max(cx - w, 0), cy, cx, min(cy + h, canvas))
+        src = (w - (dst[2] - dst[0]), 0, w, dst[3] - dst[1])
+    else:
+        dst = (cx, cy, min(cx + w, canvas), min(cy + h, canvas))
+        src = (0, 0, dst[2] - dst[0], dst[3] - dst[1])
+    return dst, src
+
+
+class YOLOMosaic(DualTransform):
+    """4-image mosaic on a (2S, 2S) canvas around a random centre; the output is the whole canvas.
+
+    The three other images come as ``mosaic_metadata``, a list of dicts with ``image`` (H, W, 3) and, when the
+    pipeline has boxes, ``bboxes`` and the label fields, as for ``A.Mosaic``. Boxes are clipped to the canvas
+    and dropped when nothing of them is left.
+
+    Args:
+        size: S, the training input size in pixels; the canvas is 2S a side.
+        fill: grey level of the canvas where no image lies.
+    """
+
+    def __init__(self, size: int, fill: int = 114, metadata_key: str = "mosaic_metadata", p: float = 1.0):
+        super().__init__(p=p)
+        self.size = size
+        self.fill = fill
+        self.metadata_key = metadata_key
+
+    @property
+    def targets_as_params(self) -> list[str]:
+        return [self.metadata_key]
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        others = data.get(self.metadata_key) or []
+        if len(others) != 3:
+            raise ValueError(f"YOLOMosaic needs 3 other images in '{self.metadata_key}', got {len(others)}")
+        if "bboxes" in data:
+            others = preprocess_selected_mosaic_items(others, self.get_processor("bboxes"), None)
+        s = self.size
+        center = (
+            int(self.py_random.uniform(s / 2, 3 * s / 2)),
+            int(self.py_random.uniform(s / 2, 3 * s / 2)),
+        )
+        items = [{"image": data["image"], "bboxes": data.get("bboxes")}, *others]
+        cells = [
+            (item, *mosaic_cell(corner, center, item["image"].shape[:2], 2 * s))
+            for corner, item in enumerate(items)
+        ]
+        return {"cells": cells}
+
+    def apply(self, img: np.ndarray, cells: list, **params: Any) -> np.ndarray:
+        canvas = np.full((2 * self.size, 2 * self.size, *img.shape[2:]), self.fill, dtype=img.dtype)
+        for item, (x1, y1, x2, y2), (u1, v1, u2, v2) in cells:
+            canvas[y1:y2, x1:x2] = item["image"][v1:v2, u1:u2]
+        return canvas
+
+    def apply_to_bboxes(self, bboxes: np.ndarray, cells: list, **params: Any) -> np.ndarray:
+        canvas = 2 * self.size
+        placed = []
+        for item, (x1, y1, _, _), (u1, v1, _, _) in cells:
+            rows = item["bboxes"]
+            if rows is None or len(rows) == 0:
+                continue
+            h, w = item["image"].shape[:2]
+            pixels = denormalize_bboxes(np.asarray(rows, dtype=np.float64), _shape(h, w))
+            pixels[:, :4] += np.array([x1 - u1, y1 - v1] * 2, dtype=np.float64)
+            pixels[:, :4] = pixels[:, :4].clip(0, canvas)
+            keep = (pixels[:, 2] > pixels[:, 0]) & (pixels[:, 3] > pixels[:, 1])
+            placed.append(normalize_bboxes(pixels[keep], _shape(canvas, canvas)))
+        if not placed:
+            return np.zeros((0, bboxes.shape[1]), dtype=bboxes.dtype)
+        return np.concatenate(placed).astype(bboxes.dtype)
+
+
+class YOLOAffine(DualTransform):
+    """Random rotation, scale and translation of any input into a (S, S) output, reference style.
+
+    The input's centre is rotated by U[-degrees, degrees] and scaled by U[1 - scale, 1 + scale] about
+    itself, then placed at (U[0.5 - translate, 0.5 + translate] S, the same for y) in the output; the
+    output's uncovered pixels are ``fill``. Box corners are mapped, the enclosing box clipped to the output,
+    and boxes that fail the reference's candidate test (module docstring) are dropped.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        degrees: float = 0.0,
+        translate: float = 0.1,
+        scale: float = 0.5,
+        fill: int = 114,
+        p: float = 1.0,
+    ):
+        super().__init__(p=p)
+        self.size = size
+        self.degrees = degrees
+        self.translate = translate
+        self.scale = scale
+        self.fill = fill
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        rng = self.py_random
+        angle = rng.uniform(-self.degrees, self.degrees)
+        gain = rng.uniform(1 - self.scale, 1 + self.scale)
+        center = np.array([[1, 0, -width / 2], [0, 1, -height / 2], [0, 0, 1]], dtype=np.float64)
+        rotate = np.eye(3)
+        rotate[:2] = cv2.getRotationMatrix2D(angle=angle, center=(0, 0), scale=gain)
+        shift = np.eye(3)
+        shift[0, 2] = rng.uniform(0.5 - self.translate, 0.5 + self.translate) * self.size
+        shift[1, 2] = rng.uniform(0.5 - self.translate, 0.5 + self.translate) * self.size
+        return {"matrix": shift @ rotate @ center, "gain": gain, "input_hw": (height, width)}
+
+    def apply(self, img: np.ndarray, matrix: np.ndarray, **params: Any) -> np.ndarray:
+        return cv2.warpAffine(
+            img,
+            matrix[:2],
+            dsize=(self.size, self.size),
+            flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=(self.fill,) * 3,
+        )
+
+    def apply_to_bboxes(
+        self, bboxes: np.ndarray, matrix: np.ndarray, gain: float, input_hw: tuple[int, int], **params: Any
+    ) -> np.ndarray:
+        if len(bboxes) == 0:
+            return bboxes
+        rows = denormalize_bboxes(np.asarray(bboxes, dtype=np.float64), _shape(*input_hw))
+        x1, y1, x2, y2 = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
+        corners = np.stack(
+            [np.stack([x, y, np.ones_like(x)], 1) for x, y in ((x1, y1), (x2, y1), (x1, y2), (x2, y2))]
+        )
+        mapped = corners @ matrix[:2].T  # (4, n, 2)
+        new = np.concatenate([mapped.min(0), mapped.max(0)], axis=1).clip(0, self.size)
+        keep = box_candidates(rows[:, :4], new, gain)
+        out = rows[keep].copy()
+        out[:, :4] = new[keep]
+        return normalize_bboxes(out, _shape(self.size, self.size)).astype(bboxes.dtype)
+
+
+def box_candidates(before: np.ndarray, after: np.ndarray, gain: float) -> np.ndarray:
+    """(n, 4) xyxy boxes before and after an affine of scale ``gain`` -> (n,) bool: the ones to keep."""
+    w0, h0 = (before[:, 2] - before[:, 0]) * gain, (before[:, 3] - before[:, 1]) * gain
+    w1, h1 = after[:, 2] - after[:, 0], after[:, 3] - after[:, 1]
+    aspect = np.maximum(w1 / (h1 + 1e-16), h1 / (w1 + 1e-16))
+    return (
+        (w1 > MIN_BOX_SIDE)
+        & (h1 > MIN_BOX_SIDE)
+        & (w1 * h1 / (w0 * h0 + 1e-16) > MIN_AREA_FRACTION)
+        & (aspect < MAX_ASPECT_RATIO)
+    )
+
+
+class HSVGain(ImageOnlyTransform):
+    """Multiply hue, saturation and value of an RGB uint8 image by gains from U[1 - g, 1 + g].
+
+    Hue is OpenCV's 0..179 and wraps around; saturation and value saturate at 255.
+    """
+
+    def __init__(self, hue: float = 0.015, saturation: float = 0.7, value: float = 0.4, p: float = 1.0):
+        super().__init__(p=p)
+        self.gains = (hue, saturation, value)
+
+    def get_params(self) -> dict[str, Any]:
+        return {"factors": tuple(1 + self.py_random.uniform(-1, 1) * g for g in self.gains)}
+
+    def apply(self, img: np.ndarray, factors: tuple[float, float, float], **params: Any) -> np.ndarray:
+        if not any(self.gains):
+            return img
+        levels = np.arange(256, dtype=np.float64)
+        tables = (
+            np.mod(levels * factors[0], 180),
+            np.clip(levels * factors[1], 0, 255),
+            np.clip(levels * factors[2], 0, 255),
+        )
+        channels = cv2.split(cv2.cvtColor(img, cv2.COLOR_RGB2HSV))
+        hsv = cv2.merge([cv2.LUT(c, t.astype(np.uint8)) for c, t in zip(channels, tables, strict=True)])
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
