@@ -1,0 +1,43 @@
+"""Train and predict with the reference YOLOv8 (Ultralytics); run by benchmarks/accuracy.py in its own venv.
+
+This file imports ``ultralytics`` and runs only under the interpreter given as ``--reference-python``
+(``pip install ultralytics==8.2.103`` in a separate virtual environment); the project never imports it.
+
+Usage: REF_PYTHON reference_yolov8.py JOB.json, where the job holds ``data_yaml``, ``out_dir``, ``train``
+(keyword arguments of ``YOLO.train``), ``model`` (a model yaml such as yolov8n.yaml), ``val_images`` (paths)
+and ``predict`` (keyword arguments of ``YOLO.predict``). Writes ``result.json`` in ``out_dir``:
+``fit_seconds`` and ``detections``, per image path a list of [x1, y1, x2, y2, score, class index] in
+original pixels, from the final (EMA) weights.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from ultralytics import YOLO
+
+
+def main(job_file: str) -> None:
+    job = json.loads(Path(job_file).read_text())
+    out_dir = Path(job["out_dir"])
+    model = YOLO(job["model"])
+    start = time.perf_counter()
+    model.train(data=job["data_yaml"], project=str(out_dir), name="train", exist_ok=True, **job["train"])
+    fit_seconds = time.perf_counter() - start
+    trained = YOLO(str(out_dir / "train" / "weights" / "last.pt"))
+    detections = {}
+    for path in job["val_images"]:
+        (result,) = trained.predict(source=path, verbose=False, **job["predict"])
+        boxes = result.boxes
+        rows = boxes.xyxy.tolist()
+        detections[path] = [
+            [*row, score, int(cls)]
+            for row, score, cls in zip(rows, boxes.conf.tolist(), boxes.cls.tolist(), strict=True)
+        ]
+    result_file = out_dir / "result.json"
+    result_file.write_text(json.dumps({"fit_seconds": fit_seconds, "detections": detections}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
