@@ -4,6 +4,7 @@ Beyond Lightning's own CLI it adds:
 - ``checkpoint.*``: a ModelCheckpoint on ``val/mAP`` (best and last), configurable like any other class;
 - ``prediction.*``: the PredictionWriter used by ``predict`` (COCO json, optional rendered images);
 - the resolved config saved as ``config.yaml`` in the log dir and copied into W&B runs;
+- ``model.pretrained`` is ignored when ``--ckpt_path`` is given (the checkpoint holds the weights);
 - the classes (``num_classes``, ``class_names``, ``category_ids``) linked from the datamodule to the model;
   when the datamodule has no annotation file (``predict`` on bare images) they come from ``--ckpt_path``.
 A checkpoint also carries the model's hyperparameters, which LightningCLI reads back from ``--ckpt_path``, so
@@ -46,6 +47,13 @@ class STALightningCLI(LightningCLI):
             parser.link_arguments(
                 "data", f"model.{key}", compute_fn=partial(self._class_info, key), apply_on="instantiate"
             )
+
+    def before_instantiate_classes(self) -> None:
+        # With --ckpt_path the checkpoint holds the weights: ``model.pretrained`` is not read again, so a
+        # checkpoint fine-tuned from a file validates and resumes where that file does not exist.
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path"):
+            self.config[subcommand]["model"]["pretrained"] = None
 
     def _class_info(self, key: str, datamodule: Any) -> Any:
         """``datamodule.<key>``, or the checkpoint's when the datamodule has no annotation file."""

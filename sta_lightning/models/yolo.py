@@ -209,6 +209,27 @@ class YOLOv8(nn.Module):
             )
         self._associations: dict[str, StokenAssociation] | None = None
 
+    def layer(self, index: int) -> nn.Module:
+        """Reference layer ``index``: 0-21 the backbone and neck, 22 the detection head."""
+        if not 0 <= index <= NUM_LAYERS:
+            raise ValueError(f"YOLOv8: layer index must be 0-{NUM_LAYERS} (22 = the head), got {index}")
+        return self.head if index == NUM_LAYERS else self.layers[index]
+
+    def freeze(self, layers: int | Sequence[int] | None) -> tuple[int, ...]:
+        """Stop gradients of reference layers: ``layers`` leading ones (an int) or these indices (a list).
+
+        Returns the frozen indices. Their BatchNorm layers should also be kept in eval mode by the caller
+        (``DetectionModule.train`` does). STA blocks are left trainable.
+        """
+        if layers is None:
+            return ()
+        indices = tuple(range(layers)) if isinstance(layers, int) else tuple(sorted(set(layers)))
+        if isinstance(layers, int) and not 0 <= layers <= NUM_LAYERS + 1:
+            raise ValueError(f"YOLOv8: freeze count must be 0-{NUM_LAYERS + 1}, got {layers}")
+        for index in indices:
+            self.layer(index).requires_grad_(False)
+        return indices
+
     @contextmanager
     def capture_associations(self) -> Iterator[dict[str, StokenAssociation]]:
         """Within the context, each forward fills the yielded dict (cleared at the start of every forward)

@@ -97,6 +97,14 @@ class STABlock(nn.Module):
         x = x + self.drop_path(self._scaled(self.mlp2(self.norm2(x)), self.gamma_2))
         return (x, association) if return_association else x
 
+    @torch.no_grad()
+    def zero_residuals(self) -> None:
+        """Zero the last layer of each residual branch (position encoding, STA projection, FFN output): the
+        block becomes the identity, and those layers still get gradients, so the block learns from there."""
+        for layer in (self.pos_embed.conv, self.attn.stoken_refine.proj, self.mlp2.fc2):
+            layer.weight.zero_()
+            layer.bias.zero_()
+
     @staticmethod
     def _scaled(branch: Tensor, gamma: Tensor | None) -> Tensor:
         return branch if gamma is None else gamma * branch

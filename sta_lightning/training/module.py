@@ -18,13 +18,20 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from sta_lightning.data import boxes_to_original
 from sta_lightning.metrics import COCO_STATS, COCOEvaluator
-from sta_lightning.models import DEFAULT_STA, STAPlacement, YOLOv8, YOLOv8Loss, non_max_suppression
+from sta_lightning.models import (
+    DEFAULT_STA,
+    STAPlacement,
+    YOLOv8,
+    YOLOv8Loss,
+    load_pretrained,
+    non_max_suppression,
+)
 from sta_lightning.training.ema import ModelEMA
 from sta_lightning.training.optim import (
     GROUP_NAMES,
@@ -98,6 +105,15 @@ class DetectionModule(L.LightningModule):
         gradient_clip_norm: max total gradient norm per step (0 disables clipping).
         ema: keep an exponential moving average of the weights for validation and checkpoints.
         ema_decay, ema_tau: EMA decay d = ema_decay (1 - exp(-updates / ema_tau)).
+        pretrained: weights to start from (``load_pretrained``): a reference YOLOv8 ``.pt`` (8.0-8.4,
+            released or training format), a ``.ckpt`` of this project or a state dict. The file's scale
+            must be ``model_scale``; another class count re-initialises the class branch; STA blocks that
+            the file lacks start as the identity. Not a hyperparameter: a checkpoint holds the weights, so
+            it validates and resumes without the file.
+        freeze: layers whose parameters stay fixed: a count of leading reference layers (10 = the backbone)
+            or a list of layer indices (0-21, 22 = the head). Their parameters get no updates and stay out of
+            the optimizer, and their BatchNorm layers stay in eval mode. STA blocks are never frozen.
+        sta_lr_scale: learning-rate multiplier of the STA parameters (the new ones when fine-tuning).
         box_gain, cls_gain, dfl_gain: loss gains.
         assigner_topk, assigner_alpha, assigner_beta: task-aligned assigner (candidates per GT, exponents of
             the classification score and the CIoU in the alignment metric).
@@ -132,6 +148,9 @@ class DetectionModule(L.LightningModule):
         ema: bool = True,
         ema_decay: float = 0.9999,
         ema_tau: float = 2000.0,
+        pretrained: str | None = None,
+        freeze: int | list[int] | None = None,
+        sta_lr_scale: float = 1.0,
         box_gain: float = 7.5,
         cls_gain: float = 0.5,
         dfl_gain: float = 1.5,
@@ -147,7 +166,7 @@ class DetectionModule(L.LightningModule):
         predict_multi_label: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=list(NMS_ARGUMENTS))
+        self.save_hyperparameters(ignore=[*NMS_ARGUMENTS, "pretrained"])
         # NMS settings of validation / test and of predict.
         self.nms = dict(
             conf_threshold=conf_threshold,
@@ -171,6 +190,11 @@ class DetectionModule(L.LightningModule):
             raise ValueError(f"category_ids has {len(category_ids)} ids for num_classes={num_classes}")
         self.automatic_optimization = False
         self.model = YOLOv8(model_scale, num_classes, placements)
+        self.pretrained_summary: str | None = None
+        if pretrained is not None:
+            self.pretrained_summary = load_pretrained(self.model, pretrained).summary()
+            rank_zero_info(self.pretrained_summary)
+        self.frozen_layers = self.model.freeze(freeze)
         self.loss = YOLOv8Loss(
             num_classes,
             self.model.reg_max,
@@ -223,7 +247,23 @@ class DetectionModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # The weight decay is rescaled in on_train_start, once the batch size and device count are known.
         hp = self.hparams
-        return build_optimizer(self.model, hp.optimizer, hp.lr0, hp.momentum, hp.weight_decay)
+        frozen = [p for index in self.frozen_layers for p in self.model.layer(index).parameters()]
+        return build_optimizer(
+            self.model,
+            hp.optimizer,
+            hp.lr0,
+            hp.momentum,
+            hp.weight_decay,
+            sta_lr_scale=hp.sta_lr_scale,
+            exclude=frozen,
+        )
+
+    def train(self, mode: bool = True) -> DetectionModule:
+        """Lightning's train/eval switch, except that frozen layers (``freeze``) always stay in eval mode."""
+        super().train(mode)
+        for index in self.frozen_layers:
+            self.model.layer(index).eval()
+        return self
 
     def on_train_start(self) -> None:
         hp = self.hparams
@@ -302,6 +342,8 @@ class DetectionModule(L.LightningModule):
             for name, parameter in self.named_parameters()
             if parameter.grad is not None
         }
+        if self.pretrained_summary is not None:
+            checkpoint["pretrained"] = self.pretrained_summary  # where the weights came from, for the record
         checkpoint["gradient_accumulation"] = {
             "last_optimizer_step": self.last_optimizer_step,
             "pending_gradients": pending,

@@ -8,6 +8,7 @@ iteration needs saving to resume it; that is why it is not a torch ``LRScheduler
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,17 +40,41 @@ def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 
 def build_optimizer(
-    model: nn.Module, name: OptimizerName, lr: float, momentum: float, weight_decay: float
+    model: nn.Module,
+    name: OptimizerName,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    sta_lr_scale: float = 1.0,
+    exclude: Iterable[nn.Parameter] = (),
 ) -> torch.optim.Optimizer:
     """SGD (nesterov) or AdamW (betas (momentum, 0.999)) over the three groups; decay on ``weight`` only.
 
-    Each param group carries its ``name`` ("bias", "weight", "norm").
+    Each param group carries its ``name`` ("bias", "weight", "norm") and an ``lr_scale`` that multiplies the
+    scheduled lr: 1, or ``sta_lr_scale`` for a second group of each name holding the STA parameters (those
+    named ``sta.*``) when ``sta_lr_scale`` is not 1. Parameters in ``exclude`` (frozen ones) are left out.
     """
-    groups = parameter_groups(model)
-    param_groups = [
-        {"params": groups[group], "name": group, "weight_decay": weight_decay if group == "weight" else 0.0}
-        for group in GROUP_NAMES
-    ]
+    skipped = {id(p) for p in exclude}
+    scaled = (
+        {id(p) for n, p in model.named_parameters() if n.startswith("sta.")} if sta_lr_scale != 1 else set()
+    )
+    param_groups = []
+    for group, parameters in parameter_groups(model).items():
+        kept = [p for p in parameters if id(p) not in skipped]
+        decay = weight_decay if group == "weight" else 0.0
+        param_groups.append(
+            {
+                "params": [p for p in kept if id(p) not in scaled],
+                "name": group,
+                "lr_scale": 1.0,
+                "weight_decay": decay,
+            }
+        )
+        if scaled:
+            members = [p for p in kept if id(p) in scaled]
+            param_groups.append(
+                {"params": members, "name": group, "lr_scale": sta_lr_scale, "weight_decay": decay}
+            )
     if name == "SGD":
         optimizer = torch.optim.SGD(param_groups, lr=lr, momentum=momentum, nesterov=True)
     elif name == "AdamW":
@@ -129,9 +154,10 @@ class TrainingSchedule:
 
 
 def apply_step_settings(optimizer: torch.optim.Optimizer, settings: StepSettings) -> None:
-    """Write the lrs (bias, weight, norm order) and, during warmup, the momentum into the param groups
-    (``momentum`` for SGD; Adam's betas are left alone)."""
-    for group, lr in zip(optimizer.param_groups, settings.lrs, strict=True):
-        group["lr"] = lr
+    """Write each group's lr (the scheduled lr of its name times its ``lr_scale``) and, during warmup, the
+    momentum into the param groups (``momentum`` for SGD; Adam's betas are left alone)."""
+    lrs = dict(zip(GROUP_NAMES, settings.lrs, strict=True))
+    for group in optimizer.param_groups:
+        group["lr"] = lrs[group["name"]] * group.get("lr_scale", 1.0)
         if settings.momentum is not None and "momentum" in group:
             group["momentum"] = settings.momentum
