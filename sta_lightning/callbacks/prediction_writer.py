@@ -13,8 +13,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from sta_lightning.callbacks.image_logging import run_folder
-from sta_lightning.data.transforms import read_image
 from sta_lightning.distributed import gather_on_rank_zero
+from sta_lightning.geometry import read_image
 from sta_lightning.visualize import draw_detections
 
 DETECTIONS_FILE = "predictions.json"

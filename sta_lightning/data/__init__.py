@@ -2,6 +2,6 @@
 
 from sta_lightning.data.coco import AnnotationError, DataWarning
 from sta_lightning.data.datamodule import COCODataModule, DemoDataModule
-from sta_lightning.data.transforms import boxes_to_original
+from sta_lightning.geometry import boxes_to_original
 
 __all__ = ["AnnotationError", "COCODataModule", "DataWarning", "DemoDataModule", "boxes_to_original"]

@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from sta_lightning.data.coco import CocoIndex, check_image_file
-from sta_lightning.data.transforms import TrainAugmentation, letterbox, read_image, resize_long_side
+from sta_lightning.data.transforms import TrainAugmentation
+from sta_lightning.geometry import letterbox, read_image, resize_long_side
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 

@@ -10,8 +10,8 @@ adjoint autograd pair), and the refine MHSA runs through ``F.scaled_dot_product_
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +98,12 @@ def _scatter_neighbours(per_cell: Tensor, grid: tuple[int, int]) -> Tensor:
     return F.fold(per_cell.permute(0, 3, 2, 1).reshape(b, c * NEIGHBOUR_SLOTS, m), grid, 3, padding=1)
 
 
+def _run(function: type[torch.autograd.Function], forward: Callable[..., Any], *args: Any) -> Any:
+    """``function.apply(*args)``, or ``forward(*args)`` (its forward, the same values) under torch.jit.trace,
+    which records custom autograd Functions as Python calls that TorchScript cannot save."""
+    return forward(*args) if torch.jit.is_tracing() else function.apply(*args)
+
+
 # Gather and scatter are adjoint linear maps; as custom autograd each one's backward is the other, which is
 # cheaper than autograd's backward of the strided unfold view or of F.fold.
 class _GatherNeighbours(torch.autograd.Function):
@@ -131,7 +137,9 @@ def _row_chunks(image: Tensor, stoken_size: tuple[int, int]) -> list[tuple[slice
     """(pixel-row slice, cell slice) of each chunk of whole cell rows of a (B, C, hh*h, ww*w) map."""
     b, c, height, width = image.shape
     h, w = stoken_size
-    rows = max(1, _CHUNK_ELEMENTS // (b * c * h * width))
+    # A symbolic batch (torch.export with a free batch): chunks sized for one image keep the graph batch-free.
+    images = 1 if isinstance(b, torch.SymInt) else b
+    rows = max(1, _CHUNK_ELEMENTS // (images * c * h * width))
     cells_per_row = width // w
     return [
         (slice(r * h, (r + rows) * h), slice(r * cells_per_row, (r + rows) * cells_per_row))
@@ -289,9 +297,8 @@ class StokenAttention(nn.Module):
         affinity, tokens = self._pool_super_tokens(x)
         tokens = self.stoken_refine(tokens.to(x.dtype))
         grid = tokens.shape[-2:]
-        out = _Unpool.apply(
-            _GatherNeighbours.apply(tokens), affinity.to(tokens.dtype), self.stoken_size, grid
-        )
+        neighbours = _run(_GatherNeighbours, _gather_neighbours, tokens)
+        out = _run(_Unpool, _unpool, neighbours, affinity.to(tokens.dtype), self.stoken_size, grid)
         out = out[:, :, :h0, :w0]
         if not return_association:
             return out
@@ -318,10 +325,16 @@ class StokenAttention(nn.Module):
                     frozen, _gather_neighbours(tokens), self.scale, self.stoken_size
                 )
                 tokens = _scatter_neighbours(pooled, grid) / (self._mass(affinity, grid) + _EPS)
-            pooled, affinity = _AssociateAndPool.apply(
-                x, _gather_neighbours(tokens), self.scale, self.stoken_size
+            pooled, affinity = _run(
+                _AssociateAndPool,
+                _associate_and_pool,
+                x,
+                _gather_neighbours(tokens),
+                self.scale,
+                self.stoken_size,
             )
-            tokens = _ScatterNeighbours.apply(pooled, grid) / (self._mass(affinity, grid) + _EPS)
+            tokens = _run(_ScatterNeighbours, _scatter_neighbours, pooled, grid)
+            tokens = tokens / (self._mass(affinity, grid) + _EPS)
         return affinity, tokens
 
     @staticmethod
