@@ -1,13 +1,17 @@
-"""Render docs/attention_maps.png and docs/predictions.png from a trained checkpoint and the demo data.
+"""Render docs/attention_maps.png and docs/predictions.png from a trained checkpoint and the demo data, and
+copy the dashboards that the run wrote into docs/.
 
-    python scripts/render_docs_images.py CHECKPOINT [--data-root data/demo] [--out docs]
+    python scripts/render_docs_images.py CHECKPOINT [--data-root data/demo] [--out docs] [--run-folder DIR]
 
 Runs ``trainer.validate`` on the first validation batch with the tracking callbacks and no image logger, so
 the callbacks write their PNG files (exactly what W&B / TensorBoard would show), then tiles them:
 - attention_maps.png: for the first validation image, one strip per super-token STA block (hard assignment
   boundaries, then the soft weights of four super tokens), blocks from top to bottom;
 - predictions.png: the first ``--num-images`` validation images side by side, predictions (score >= 0.25) in
-  green, ground truth in red.
+  green, ground truth in red;
+- the ``DASHBOARDS``: the PNG files that ``EvaluationPlotsCallback`` (last validation) and
+  ``DatasetStatisticsCallback`` wrote to ``<run folder>/plots/`` during the run (the run folder holds
+  ``checkpoints/``, so by default it is the checkpoint's grandparent).
 """
 
 import argparse
@@ -22,6 +26,16 @@ from PIL import Image
 from sta_lightning.callbacks import AttentionMapsCallback, PredictionImagesCallback
 from sta_lightning.data import DemoDataModule
 from sta_lightning.training import DetectionModule
+
+# docs file -> the run folder's plot
+DASHBOARDS = {
+    "pr_curve.png": "val/pr_curve_iou50.png",
+    "f1_curve.png": "val/f1_curve.png",
+    "confusion_matrix.png": "val/confusion_matrix_normalized.png",
+    "ap_per_class.png": "val/ap_per_class.png",
+    "dataset_instances.png": "data/instances_per_class.png",
+    "dataset_box_sizes.png": "data/box_sizes.png",
+}
 
 
 def read_pngs(folder: Path) -> list[np.ndarray]:
@@ -45,7 +59,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--num-images", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--run-folder", type=Path, help="the run with plots/ (default: from CHECKPOINT)")
     args = parser.parse_args()
+    plots = (args.run_folder or args.checkpoint.resolve().parent.parent) / "plots"
 
     module = DetectionModule.load_from_checkpoint(args.checkpoint, map_location="cpu")
     datamodule = DemoDataModule(
@@ -71,7 +87,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(strips, axis=0)).save(args.out / "attention_maps.png", optimize=True)
     Image.fromarray(np.concatenate(predictions, axis=1)).save(args.out / "predictions.png", optimize=True)
-    print(f"wrote attention_maps.png (blocks {', '.join(blocks)}) and predictions.png to {args.out}")
+    for name, source in DASHBOARDS.items():
+        Image.open(plots / source).convert("RGB").save(args.out / name, optimize=True)
+    print(
+        f"wrote attention_maps.png (blocks {', '.join(blocks)}), predictions.png and "
+        f"{', '.join(DASHBOARDS)} (from {plots}) to {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Experiment tracking under real DDP: 2 CPU processes (gloo) fit and validate through the CLI with the
-offline W&B logger and the three tracking callbacks: one W&B run, images logged once, the CLI config in it."""
+offline W&B logger and the tracking callbacks: one W&B run, images and plots logged once (by rank 0), the CLI
+config in it."""
 
 import json
 import os
@@ -72,6 +73,8 @@ def test_two_process_ddp_fit_and_validate_log_one_run(tmp_path):
                     "init_args": {"num_images": NUM_SHOWN, "conf_threshold": 0.0, "max_det": 10},
                 },
                 {"class_path": "sta_lightning.callbacks.COCOMetricTableCallback"},
+                {"class_path": "sta_lightning.callbacks.EvaluationPlotsCallback"},
+                {"class_path": "sta_lightning.callbacks.DatasetStatisticsCallback"},
             ],
         },
         "model": {
@@ -130,8 +133,12 @@ def test_two_process_ddp_fit_and_validate_log_one_run(tmp_path):
         assert len(list((media / "images" / "val" / "attention").glob(f"{block}_*.png"))) == 2 * NUM_SHOWN
     assert len(list((media / "images" / "val").glob("predictions_*.png"))) == 2 * NUM_SHOWN
     assert len(list((media / "table" / "val").glob("coco_[0-9]*.table.json"))) == 2
-    pngs = sorted(path.relative_to(tmp_path / "csv") for path in (tmp_path / "csv").rglob("*.png"))
+    assert len(list((media / "table" / "val").glob("pr_curve_iou50_table_*.table.json"))) == 2
+    assert len(list((media / "table" / "data").glob("summary_*.table.json"))) == 1  # at the fit's start
+    pngs = sorted(path.relative_to(tmp_path / "csv") for path in (tmp_path / "csv").rglob("images/**/*.png"))
     assert len(pngs) == NUM_SHOWN * (len(BLOCKS) + 1), pngs
+    plots = {path.name for path in (tmp_path / "csv").rglob("plots/val/*.png")}
+    assert {"pr_curve_iou50.png", "f1_curve.png", "confusion_matrix.png", "ap_per_class.png"} <= plots
 
     # every rank evaluated the same metrics; the best is in the run summary
     assert rank0["maps"] == rank1["maps"]

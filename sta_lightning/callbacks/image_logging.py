@@ -46,7 +46,7 @@ def log_images(
                 logger.experiment.add_image(f"{key}/{index}", image, step, dataformats="HWC")
             handled = True
     if not handled:
-        folder = Path(run_folder(trainer)) / "images" / _safe_name(key)
+        folder = Path(run_folder(trainer)) / "images" / key_path(key)
         folder.mkdir(parents=True, exist_ok=True)
         for index, image in enumerate(_static_images(images, boxes)):
             Image.fromarray(image).save(
@@ -89,7 +89,7 @@ def _static_images(images: Sequence[np.ndarray], boxes: Sequence[dict] | None) -
     return drawn
 
 
-def _safe_name(key: str) -> str:
+def key_path(key: str) -> str:
     """A logging key as a relative folder path: '/' keeps nesting, other unsafe characters become '_'."""
     return "/".join(
         re.sub(r"[^A-Za-z0-9._-]", "_", part) for part in key.split("/") if part not in ("", ".", "..")

@@ -16,6 +16,8 @@ import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
 
 from sta_lightning.data.coco import AnnotationError, load_annotation_json
+from sta_lightning.metrics.confusion import image_confusion_matrix
+from sta_lightning.metrics.curves import PrecisionRecallCurves
 
 
 class COCOStat(NamedTuple):
@@ -112,6 +114,8 @@ def evaluate_coco(
     detections: np.ndarray | Sequence[dict],
     image_ids: Iterable[int] | None = None,
     per_class: bool = False,
+    curves: bool = False,
+    confusion: bool = False,
     verbose: bool = False,
 ) -> dict:
     """COCO bbox metrics of `detections` against the ground truth, identical to pycocotools' COCOeval.
@@ -123,11 +127,15 @@ def evaluate_coco(
         image_ids: the images to evaluate (COCOeval params.imgIds); None = every image of the annotation file.
         per_class: also return "map_per_class": {category_id: AP@[.5:.95]} (-1 for categories without ground
             truth in the evaluated images), from COCOeval's precision array (area all, maxDets 100).
+        curves: also return "curves": that precision array and its scores, a `PrecisionRecallCurves`.
+        confusion: also return "confusion_matrix": (K + 1, K + 1) int64 counts over the evaluated images
+            (`sta_lightning.metrics.confusion`, default thresholds), rows true and columns predicted, classes
+            in ascending category id order, then background.
         verbose: print COCOeval's summary table to stdout (silent by default).
 
     Returns:
-        dict with the 12 `STAT_NAMES` as floats (COCOeval.stats; -1 where undefined), plus "map_per_class"
-        with `per_class`.
+        dict with the 12 `STAT_NAMES` as floats (COCOeval.stats; -1 where undefined), plus the entries asked
+        for.
     """
     coco = annotation_file if isinstance(annotation_file, COCO) else load_coco_annotations(annotation_file)
     source = coco.annotation_file if isinstance(coco.annotation_file, str) else "(in-memory annotations)"
@@ -153,17 +161,56 @@ def evaluate_coco(
     evaluator.accumulate()
     evaluator.summarize()
     metrics = {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats, strict=True)}
+    precision_recall = _precision_recall_curves(evaluator)
     if per_class:
-        metrics["map_per_class"] = _average_precision_per_class(evaluator)
+        ap = precision_recall.average_precision("0.5:0.95")
+        metrics["map_per_class"] = dict(zip(precision_recall.category_ids.tolist(), ap.tolist(), strict=True))
+    if curves:
+        metrics["curves"] = precision_recall
+    if confusion:
+        metrics["confusion_matrix"] = _confusion_matrix(coco, array, evaluated_ids, evaluator.params.catIds)
     return metrics
 
 
-def _average_precision_per_class(evaluator: COCOeval_faster) -> dict[int, float]:
-    """{category_id: mean of its valid precision entries over IoU and recall thresholds}, -1 if none."""
-    precision = evaluator.eval["precision"][:, :, :, 0, -1]  # (T, R, K) at area "all", maxDets 100
-    per_class = {}
-    for index, category_id in enumerate(evaluator.params.catIds):
-        values = precision[:, :, index]
-        valid = values > -1
-        per_class[int(category_id)] = float(values[valid].mean()) if valid.any() else -1.0
-    return per_class
+def _precision_recall_curves(evaluator: COCOeval_faster) -> PrecisionRecallCurves:
+    """COCOeval's accumulated precision and scores at area "all", maxDets 100: (T, R, K) each."""
+    return PrecisionRecallCurves(
+        iou_thresholds=np.asarray(evaluator.params.iouThrs, dtype=np.float64),
+        recall_thresholds=np.asarray(evaluator.params.recThrs, dtype=np.float64),
+        category_ids=np.asarray(evaluator.params.catIds, dtype=np.int64),
+        precision=np.asarray(evaluator.eval["precision"][:, :, :, 0, -1], dtype=np.float64),
+        scores=np.asarray(evaluator.eval["scores"][:, :, :, 0, -1], dtype=np.float64),
+    )
+
+
+def _confusion_matrix(
+    coco: COCO, detections: np.ndarray, image_ids: Sequence[int], category_ids: Sequence[int]
+) -> np.ndarray:
+    """Sum over ``image_ids`` of the confusion matrices of (N, 7) ``detections`` against the objects."""
+    class_of = {int(category_id): index for index, category_id in enumerate(category_ids)}
+    matrix = np.zeros((len(class_of) + 1,) * 2, dtype=np.int64)
+    detections = detections[np.argsort(detections[:, 0], kind="stable")]
+    starts = np.searchsorted(detections[:, 0], image_ids, side="left")
+    stops = np.searchsorted(detections[:, 0], image_ids, side="right")
+    for image_id, start, stop in zip(image_ids, starts, stops, strict=True):
+        rows = detections[start:stop]
+        classes = np.asarray([class_of[int(category_id)] for category_id in rows[:, 6]], dtype=np.float64)
+        found = np.column_stack([_xywh_to_xyxy(rows[:, 1:5]), rows[:, 5], classes])
+        objects = coco.imgToAnns.get(image_id, [])
+        plain = [annotation for annotation in objects if not annotation.get("iscrowd", 0)]
+        crowd = [annotation for annotation in objects if annotation.get("iscrowd", 0)]
+        truth_classes = np.asarray([class_of[a["category_id"]] for a in plain], dtype=np.int64)
+        matrix += image_confusion_matrix(
+            found, _boxes_xyxy(plain), truth_classes, len(class_of), crowd_boxes=_boxes_xyxy(crowd)
+        )
+    return matrix
+
+
+def _boxes_xyxy(annotations: Sequence[dict]) -> np.ndarray:
+    """(n, 4) x1, y1, x2, y2 of COCO annotations."""
+    return _xywh_to_xyxy(np.asarray([a["bbox"] for a in annotations], dtype=np.float64).reshape(-1, 4))
+
+
+def _xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
+    """(n, 4) x, y, width, height -> (n, 4) x1, y1, x2, y2."""
+    return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)

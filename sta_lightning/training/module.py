@@ -397,6 +397,10 @@ class DetectionModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate", "test"):
             self.evaluator = self._make_evaluator(stage)
+        image_size = getattr(self.trainer.datamodule, "image_size", None)
+        if image_size is not None:
+            # One input image: Lightning's model summary runs it to count the FLOPs at the data's size.
+            self.example_input_array = torch.zeros(1, 3, image_size, image_size)
 
     def _make_evaluator(self, stage: str) -> COCOEvaluator | None:
         datamodule = self.trainer.datamodule
@@ -409,13 +413,7 @@ class DetectionModule(L.LightningModule):
             )
             return None
         category_ids = getattr(datamodule, "category_ids", None) or self.category_ids
-        return COCOEvaluator(annotation_file, category_ids, per_class=True)
-
-    def on_validation_epoch_start(self) -> None:
-        if self.evaluator is not None:
-            self.evaluator.reset()
-
-    on_test_epoch_start = on_validation_epoch_start
+        return COCOEvaluator(annotation_file, category_ids, per_class=True, curves=True, confusion=True)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         if self.evaluator is not None:
@@ -431,10 +429,14 @@ class DetectionModule(L.LightningModule):
         self._log_coco_metrics("test")
 
     def _log_coco_metrics(self, prefix: str) -> None:
-        """Compute the epoch's COCO metrics (collective under DDP: every rank gets them all) and log them."""
+        """Compute the epoch's COCO metrics (collective under DDP: every rank gets them all), log them and
+        reset the metric for the next epoch."""
         if self.evaluator is None:
             return
-        self.coco_metrics = self.evaluator.compute()
+        try:
+            self.coco_metrics = self.evaluator.compute()
+        finally:
+            self.evaluator.reset()
         for stat in COCO_STATS:
             # Identical on every rank already: the sync (a mean of equal values) only tells Lightning so.
             value = float(self.coco_metrics[stat.key])
