@@ -82,8 +82,9 @@ def datamodule(args: argparse.Namespace) -> COCODataModule:
     return DemoDataModule(root=args.demo_root, **common)
 
 
-def fit_ours(args: argparse.Namespace, variant: str, seed: int) -> dict:
-    """Fit this project's YOLOv8n (variant plain / sta); returns mAP, mAP50 and the fit seconds."""
+def fit_ours(args: argparse.Namespace, variant: str, seed: int, **module_args) -> dict:
+    """Fit this project's YOLOv8n (variant plain / sta; ``module_args`` go to DetectionModule too); returns
+    mAP, mAP50 and the fit seconds."""
     hp = recipe(args)
     L.seed_everything(seed, workers=True, verbose=False)
     data = datamodule(args)
@@ -103,6 +104,7 @@ def fit_ours(args: argparse.Namespace, variant: str, seed: int) -> dict:
         warmup_min_iterations=100,
         warmup_bias_lr=hp["warmup_bias_lr"],
         ema_tau=2000.0,
+        **module_args,
     )
     trainer = L.Trainer(
         accelerator="cpu",
