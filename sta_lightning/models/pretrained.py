@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sta_lightning.models.yolo import SCALES, YOLOv8
+from sta_lightning.models.yolo import SCALES, YOLOv8, shape_without_unit_dims
 
 # Globals that become inert stand-ins: module classes of the reference and of torch, the reference's
 # argument namespaces and loss objects, paths.
@@ -203,10 +203,6 @@ def _scale_of(first_conv_weight: Tensor) -> str | None:
     return None
 
 
-def _same_shape(a: torch.Size, b: torch.Size) -> bool:
-    return [s for s in a if s != 1] == [s for s in b if s != 1]
-
-
 def load_pretrained(model: YOLOv8, path: str | Path) -> PretrainedReport:
     """Load pretrained weights into ``model`` (in place) and return the report.
 
@@ -220,15 +216,14 @@ def load_pretrained(model: YOLOv8, path: str | Path) -> PretrainedReport:
     detector_keys = [key for key in own if not key.startswith("sta.")]
     if weights.by_position:
         values = list(weights.tensors.values())
-        if len(values) != len(detector_keys) or _scale_of(values[0]) is None:
-            file_scale = _scale_of(values[0]) if values else None
-            if file_scale not in (None, model.scale):
-                raise _scale_error(path, file_scale, model.scale)
+        file_scale = _scale_of(values[0]) if values else None
+        if file_scale not in (None, model.scale):
+            raise _scale_error(path, file_scale, model.scale)
+        if file_scale is None or len(values) != len(detector_keys):
             raise ValueError(
                 f"pretrained weights {path}: {len(values)} tensors, but a YOLOv8{model.scale} detector has "
                 f"{len(detector_keys)}: not a plain YOLOv8 detection model of this scale"
             )
-        file_scale = _scale_of(values[0])
         incoming = dict(zip(detector_keys, values, strict=True))
     else:
         incoming = weights.tensors
@@ -250,7 +245,9 @@ def load_pretrained(model: YOLOv8, path: str | Path) -> PretrainedReport:
     )
     for key in detector_keys:
         tensor = incoming.get(key)
-        if tensor is not None and _same_shape(tensor.shape, own[key].shape):
+        if tensor is not None and shape_without_unit_dims(tensor.shape) == shape_without_unit_dims(
+            own[key].shape
+        ):
             state[key] = tensor.reshape(own[key].shape).to(own[key].dtype)
             report.loaded += 1
         elif tensor is not None and key.startswith(CLASS_BRANCH_PREFIX):

@@ -307,7 +307,7 @@ def load_reference_state_dict(model: YOLOv8, state_dict: Mapping[str, Tensor]) -
     converted = dict(own)
     for position, ((reference_key, tensor), key) in enumerate(zip(reference, detector_keys, strict=True)):
         target_shape = own[key].shape
-        if _without_unit_dims(tensor.shape) != _without_unit_dims(target_shape):
+        if shape_without_unit_dims(tensor.shape) != shape_without_unit_dims(target_shape):
             raise ValueError(
                 f"load_reference_state_dict: tensor #{position} {reference_key!r} of shape "
                 f"{tuple(tensor.shape)} does not fit {key!r} of shape {tuple(target_shape)}; "
@@ -317,5 +317,5 @@ def load_reference_state_dict(model: YOLOv8, state_dict: Mapping[str, Tensor]) -
     model.load_state_dict(converted)
 
 
-def _without_unit_dims(shape: torch.Size) -> tuple[int, ...]:
+def shape_without_unit_dims(shape: torch.Size) -> tuple[int, ...]:
     return tuple(size for size in shape if size != 1)
