@@ -1,7 +1,8 @@
 """``python -m sta_lightning fit|validate|test|predict --config ...``: the LightningCLI of the project.
 
 Beyond Lightning's own CLI it adds:
-- ``checkpoint.*``: a ModelCheckpoint on ``val/mAP`` (best and last), configurable like any other class;
+- ``checkpoint.*``: a ModelCheckpoint on ``val/mAP`` (the best, and ``last.ckpt`` at every save point:
+  ``ResumableModelCheckpoint``), configurable like any other class;
 - ``prediction.*``: the PredictionWriter used by ``predict`` (COCO json, optional rendered images);
 - the resolved config saved as ``config.yaml`` in the log dir and copied into W&B runs;
 - ``model.pretrained`` is ignored when ``--ckpt_path`` is given (the checkpoint holds the weights);
@@ -17,13 +18,13 @@ from functools import partial
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sta_lightning.callbacks.prediction_writer import PredictionWriter
 from sta_lightning.callbacks.save_config import WandbSaveConfigCallback
 from sta_lightning.data import COCODataModule
 from sta_lightning.training import DetectionModule
+from sta_lightning.training.checkpointing import ResumableModelCheckpoint
 
 CLASS_KEYS = ("num_classes", "class_names", "category_ids")
 CHECKPOINT_DEFAULTS = {
@@ -40,7 +41,7 @@ class STALightningCLI(LightningCLI):
     """LightningCLI with the default checkpointing, the prediction writer and the class links."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ResumableModelCheckpoint, "checkpoint")
         parser.set_defaults(CHECKPOINT_DEFAULTS)
         parser.add_lightning_class_args(PredictionWriter, "prediction")
         for key in CLASS_KEYS:

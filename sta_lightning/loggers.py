@@ -1,8 +1,10 @@
 """A W&B logger that never hangs or fails a training run: offline without credentials or network.
 
-Runs offline when ``offline=True``, when ``WANDB_MODE`` is offline/dryrun, or when no API key is found
-(``WANDB_API_KEY`` or a netrc entry for the W&B host). Online, ``wandb.init`` gets a short timeout and falls
-back to offline if it cannot reach the server. Offline runs print the ``wandb sync`` command to upload them.
+Under SLURM (``srun``) the run id is ``slurm-<job id>`` unless ``id`` is given, so a job that SLURM requeues
+continues the same W&B run. Runs offline when ``offline=True``, when ``WANDB_MODE`` is offline/dryrun, or
+when no API key is found (``WANDB_API_KEY`` or a netrc entry for the W&B host). Online, ``wandb.init`` gets a
+short timeout and falls back to offline if it cannot reach the server. Offline runs print the ``wandb sync``
+command to upload them.
 """
 
 import netrc
@@ -12,6 +14,7 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 import wandb
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
@@ -67,6 +70,9 @@ class OfflineFallbackWandbLogger(WandbLogger):
         settings.login_timeout = init_timeout
         if go_offline:
             kwargs["mode"] = "offline"
+        job_id = SLURMEnvironment.job_id() if SLURMEnvironment.detect() else None
+        if job_id is not None and not (kwargs.get("id") or kwargs.get("version")):
+            kwargs["id"] = f"slurm-{job_id}"  # a requeued job resumes this run (WandbLogger: resume="allow")
         # The base class's own ``offline`` flag rewrites os.environ["WANDB_MODE"] for the whole process; the
         # ``mode`` init argument keeps the choice to this run.
         super().__init__(offline=False, log_model=log_model, settings=settings, **kwargs)

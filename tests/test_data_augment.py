@@ -1,12 +1,10 @@
-"""Training augmentation: per-worker and per-epoch draws, reproducibility, close_mosaic, valid targets."""
+"""Training data: draws that depend on (seed, epoch, index) only, epoch order, close_mosaic, valid targets."""
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from sta_lightning.data import DemoDataModule
 from sta_lightning.data import coco as coco_module
-from sta_lightning.data.dataset import collate_detection, seed_worker
 from sta_lightning.data.transforms import letterbox
 
 
@@ -28,50 +26,49 @@ def _train_data(root, **kwargs) -> DemoDataModule:
     return dm
 
 
-def _same_image_epochs(dataset, epochs: int = 2) -> list[list[torch.Tensor]]:
-    """Per epoch, 4 augmented draws of image 0 by 2 workers (draws 0, 2 from worker 0; 1, 3 from worker 1)."""
-    loader = DataLoader(
-        dataset,
-        batch_size=1,
-        sampler=[0] * 4,
-        num_workers=2,
-        collate_fn=collate_detection,
-        worker_init_fn=seed_worker,
-        persistent_workers=False,
-    )
-    return [[batch["images"][0] for batch in loader] for _ in range(epochs)]
+def _epoch(dm: DemoDataModule, epoch: int, world_size: int = 1, rank: int = 0) -> list[dict]:
+    dm.set_epoch(epoch, 100)
+    return list(dm.training_loader(epoch, world_size, rank))
 
 
-def test_augmentation_differs_across_workers_and_epochs_and_repeats_for_a_seed(demo_root):
-    dataset = _train_data(demo_root, num_workers=2).datasets["train"]
-    torch.manual_seed(0)
-    first_run = _same_image_epochs(dataset)
-    (w0_first, w1_first, w0_second, _), (w0_next_epoch, *_) = first_run
-    assert not torch.equal(w0_first, w1_first)  # workers draw differently
-    assert not torch.equal(w0_first, w0_second)  # successive draws in one worker differ
-    assert not torch.equal(w0_first, w0_next_epoch)  # a new epoch does not repeat the last one
-    torch.manual_seed(0)
-    second_run = _same_image_epochs(dataset)
-    assert all(
-        torch.equal(a, b)
-        for run_a, run_b in zip(first_run, second_run, strict=True)
-        for a, b in zip(run_a, run_b, strict=True)
+def _equal(batches_a: list[dict], batches_b: list[dict]) -> bool:
+    return len(batches_a) == len(batches_b) and all(
+        a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in ("images", "bboxes", "image_ids"))
+        for a, b in zip(batches_a, batches_b, strict=True)
     )
 
 
-def test_in_process_loading_reseeds_per_epoch(demo_root):
-    dm = _train_data(demo_root, num_workers=0)
-    dataset = dm.datasets["train"]
+def test_an_epoch_depends_on_the_seed_and_epoch_only_not_on_workers_or_global_state(demo_root, monkeypatch):
+    in_process = _train_data(demo_root, num_workers=0, batch_size=8)
+    two_workers = _train_data(demo_root, num_workers=2, batch_size=8)
+    torch.manual_seed(123)  # torch's global generator plays no part in the data
+    epoch0 = _epoch(in_process, 0)
+    torch.manual_seed(456)
+    assert _equal(_epoch(two_workers, 0), epoch0)
+    assert _equal(_epoch(in_process, 0), epoch0)  # and it repeats
 
-    def draw(epoch):
-        dm.set_epoch(epoch, 100)
-        return dataset[0]["image"]
+    epoch1 = _epoch(in_process, 1)
+    assert not torch.equal(epoch1[0]["image_ids"], epoch0[0]["image_ids"])  # another order
+    order0 = torch.cat([b["image_ids"] for b in epoch0])
+    assert sorted(order0.tolist()) == sorted(torch.cat([b["image_ids"] for b in epoch1]).tolist())
+    # The same image in another epoch is augmented differently.
+    first = order0[0]
+    again = next(b["images"][i] for b in epoch1 for i, j in enumerate(b["image_ids"]) if j == first)
+    assert not torch.equal(again, epoch0[0]["images"][0])
 
-    torch.manual_seed(3)
-    epoch0, epoch1 = draw(0), draw(1)
-    assert not torch.equal(epoch0, epoch1)
-    torch.manual_seed(3)
-    assert torch.equal(draw(0), epoch0) and torch.equal(draw(1), epoch1)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # what seed_everything(7) sets
+    assert not _equal(_epoch(_train_data(demo_root, num_workers=0, batch_size=8), 0), epoch0)
+
+
+def test_ranks_share_the_one_process_batches(demo_root):
+    # With N processes of batch b, each step's N batches are the images of one process's batch of N x b.
+    single = _train_data(demo_root, num_workers=0, batch_size=8)
+    expected = [set(b["image_ids"].tolist()) for b in _epoch(single, 3)]
+    per_rank = [_epoch(_train_data(demo_root, num_workers=0, batch_size=4), 3, 2, rank) for rank in (0, 1)]
+    got = [
+        set(a["image_ids"].tolist()) | set(b["image_ids"].tolist()) for a, b in zip(*per_rank, strict=True)
+    ]
+    assert got == expected
 
 
 def test_close_mosaic_leaves_the_letterboxed_image(demo_root):
@@ -102,7 +99,6 @@ def test_close_mosaic_leaves_the_letterboxed_image(demo_root):
 
 def test_training_targets_are_valid(demo_root):
     dm = _train_data(demo_root, num_workers=0, batch_size=8)
-    torch.manual_seed(0)
     for batch in dm.train_dataloader():
         boxes = batch["bboxes"]
         assert batch["images"].shape[1:] == (3, 160, 160) and batch["images"].dtype == torch.uint8

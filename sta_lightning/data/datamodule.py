@@ -1,34 +1,42 @@
 """COCODataModule: COCO-format detection data for Lightning (fit / validate / test / predict); DemoDataModule.
 
-Seeding: training augmentation is drawn per DataLoader worker from torch's per-iterator seed
-(``seed_worker``), so it differs across workers, epochs and ranks and repeats for a given ``seed_everything``
-seed; with ``num_workers=0`` ``set_epoch`` reseeds in-process. Workers are not persistent: ``set_epoch``
-changes the dataset in the main process (mosaic off for the last ``close_mosaic`` epochs), and only workers
-forked afresh for each epoch see that change.
+Determinism and resume: the training order of an epoch is a permutation drawn from (seed, epoch) by a
+``DistributedSampler`` (one replica without DDP), and each sample's augmentation is drawn from (seed, epoch,
+index) (``sample_seed``), where seed is the ``seed_everything`` seed (0 without one). No data randomness comes
+from torch's global generator, a worker or a rank: the data of a fit is the same with any worker count, and
+with N DDP processes of batch b each optimizer step sees the images that one process of batch N x b sees.
+The training loader is torchdata's ``StatefulDataLoader``, whose position Lightning saves in checkpoints,
+so a fit resumed from a mid-epoch checkpoint continues at the next batch. Workers are not persistent:
+``set_epoch`` changes the dataset in the main process (epoch, mosaic off for the last ``close_mosaic``
+epochs), and only workers forked afresh for each epoch see that change.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from sta_lightning.data.coco import DataWarning, load_coco_index, read_categories
 from sta_lightning.data.dataset import (
     CocoDetectionDataset,
     ImageFolderDataset,
-    augmentation_seed,
     collate_detection,
     list_image_files,
-    seed_worker,
 )
 from sta_lightning.data.transforms import TrainAugmentation
 
 _EVAL_STAGES = {"fit": "val", "validate": "val", "test": "test"}
+
+# torchdata 0.11 calls a torch function that torch >= 2.9 deprecates, once per loader iterator: not ours to
+# fix, and it says nothing to the user.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", module=r"torchdata\.")
 
 
 class COCODataModule(L.LightningDataModule):
@@ -147,8 +155,9 @@ class COCODataModule(L.LightningDataModule):
         return self.splits[_EVAL_STAGES[stage]][1]
 
     @property
-    def _rank(self) -> int:
-        return self.trainer.global_rank if self.trainer is not None else 0
+    def data_seed(self) -> int:
+        """The base seed of the data order and augmentation: the ``seed_everything`` seed, 0 without one."""
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def prepare_data(self) -> None:
         """Check every split's annotation file and images once per node (Lightning calls this on local rank
@@ -184,8 +193,7 @@ class COCODataModule(L.LightningDataModule):
             return CocoDetectionDataset(index, self.image_size)
         augmentation = TrainAugmentation(self.image_size, **self.augmentation_args)
         dataset = CocoDetectionDataset(index, self.image_size, augmentation, mosaic=self.mosaic)
-        dataset.rank = self._rank
-        dataset.reseed(augmentation_seed(torch.initial_seed(), dataset.rank))
+        dataset.seed = self.data_seed
         return dataset
 
     def setup(self, stage: str) -> None:
@@ -212,7 +220,8 @@ class COCODataModule(L.LightningDataModule):
             self.datasets["predict"] = ImageFolderDataset(paths, self.image_size)
 
     def set_epoch(self, epoch: int, max_epochs: int | None) -> None:
-        """Each training epoch start: mosaic off in the last ``close_mosaic`` epochs; reseed if no workers."""
+        """Each training epoch start: the epoch of the augmentation draws; mosaic off in the last
+        ``close_mosaic`` epochs."""
         dataset = self.datasets.get("train")
         if dataset is None:
             return
@@ -220,37 +229,61 @@ class COCODataModule(L.LightningDataModule):
         if dataset.mosaic_enabled and not enabled and self.mosaic > 0:
             rank_zero_info(f"Mosaic off from epoch {epoch} (the last {self.close_mosaic} epochs)")
         dataset.mosaic_enabled = enabled
-        if self.num_workers == 0:
-            dataset.reseed(augmentation_seed(torch.initial_seed(), dataset.rank, epoch))
+        dataset.epoch = epoch
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _dataset(self, split: str) -> CocoDetectionDataset | ImageFolderDataset:
         if split not in self.datasets:
             raise RuntimeError(f"the '{split}' data is not set up")
-        return DataLoader(
-            self.datasets[split],
+        return self.datasets[split]
+
+    def _loader_args(self) -> dict:
+        return dict(
             batch_size=self.batch_size,
-            shuffle=shuffle,
             num_workers=self.num_workers,
             collate_fn=collate_detection,
-            worker_init_fn=seed_worker,
             persistent_workers=False,  # set_epoch must reach freshly forked workers every epoch
             pin_memory=self.pin_memory,
+            # Worker seeds come from this generator instead of torch's global one, whose draws belong to the
+            # model (drop path) and are restored on resume.
+            generator=torch.Generator().manual_seed(self.data_seed),
         )
 
-    def train_dataloader(self) -> DataLoader:
-        # Lightning builds the first epoch's iterator before on_train_epoch_start: apply the epoch state now.
-        if self.trainer is not None:
-            self.set_epoch(self.trainer.current_epoch, self.trainer.max_epochs)
-        return self._loader("train", shuffle=True)
+    def train_dataloader(self) -> StatefulDataLoader:
+        """The training loader of the epoch the trainer is about to run, for this process.
+
+        Lightning builds the first epoch's iterator (and forks its workers) before ``on_train_epoch_start``,
+        so the epoch state is applied here too: the fit loop's count of processed epochs is the epoch to run,
+        also when resuming (after a checkpoint at the end of epoch e it is e + 1; within epoch e, e).
+        """
+        if self.trainer is None:
+            return self.training_loader(epoch=0)
+        self.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed, self.trainer.max_epochs)
+        return self.training_loader(
+            self._dataset("train").epoch, world_size=self.trainer.world_size, rank=self.trainer.global_rank
+        )
+
+    def training_loader(self, epoch: int, world_size: int = 1, rank: int = 0) -> StatefulDataLoader:
+        """Batches of ``epoch`` for process ``rank`` of ``world_size``: a permutation drawn from
+        (seed, epoch), of which this process takes positions rank, rank + world_size, ...
+        (``DistributedSampler``)."""
+        dataset = self._dataset("train")
+        sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.data_seed
+        )
+        sampler.set_epoch(epoch)
+        return StatefulDataLoader(dataset, sampler=sampler, **self._loader_args())
+
+    def _evaluation_loader(self, split: str) -> DataLoader:
+        return DataLoader(self._dataset(split), shuffle=False, **self._loader_args())
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val", shuffle=False) if "val" in self.datasets else []
+        return self._evaluation_loader("val") if "val" in self.datasets else []
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._evaluation_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", shuffle=False)
+        return self._evaluation_loader("predict")
 
 
 class DemoDataModule(COCODataModule):

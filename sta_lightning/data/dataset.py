@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from sta_lightning.data.coco import CocoIndex, check_image_file
 from sta_lightning.data.transforms import TrainAugmentation
@@ -29,8 +29,11 @@ class CocoDetectionDataset(Dataset):
     """Images and targets of a CocoIndex at input size S: letterboxed, or augmented by ``augmentation``.
 
     ``mosaic`` is the probability of a 4-image mosaic for a training sample; ``mosaic_enabled`` (set through
-    the datamodule's ``set_epoch``) switches it off for the last epochs. ``reseed`` seeds the augmentation and
-    the choice of mosaic partners; ``seed_worker`` calls it in every DataLoader worker.
+    the datamodule's ``set_epoch``) switches it off for the last epochs.
+
+    The random draws of training sample i (mosaic or not, its partners, the whole augmentation) are a
+    function of (``seed``, ``epoch``, i) alone: the same on any process, in any DataLoader worker, whatever
+    came before. So a resumed fit, another worker count or another DDP layout see the same samples.
     """
 
     def __init__(
@@ -45,16 +48,11 @@ class CocoDetectionDataset(Dataset):
         self.augmentation = augmentation
         self.mosaic = mosaic
         self.mosaic_enabled = True
-        self.rank = 0
-        self.rng = np.random.default_rng()
+        self.seed = 0  # base seed of the training augmentation
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.index)
-
-    def reseed(self, seed: int) -> None:
-        self.rng = np.random.default_rng(seed)
-        if self.augmentation is not None:
-            self.augmentation.reseed(seed)
 
     def load_resized(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         """Image i resized to long side S, its boxes (n, 4) in resized pixels, labels (n,), and the ratio."""
@@ -69,9 +67,11 @@ class CocoDetectionDataset(Dataset):
             image, pad = letterbox(image, self.image_size)
             boxes = boxes + np.asarray(pad * 2, dtype=np.float32)
         else:
+            rng = np.random.default_rng(sample_seed(self.seed, self.epoch, i, stream=0))
+            self.augmentation.reseed(sample_seed(self.seed, self.epoch, i, stream=1))
             partners = None
-            if self.mosaic_enabled and self.mosaic > 0 and self.rng.random() < self.mosaic:
-                partners = [self.load_resized(int(j))[:3] for j in self.rng.integers(0, len(self), size=3)]
+            if self.mosaic_enabled and self.mosaic > 0 and rng.random() < self.mosaic:
+                partners = [self.load_resized(int(j))[:3] for j in rng.integers(0, len(self), size=3)]
             image, boxes, labels = self.augmentation(image, boxes, labels, partners)
             pad = (0, 0)
         return {
@@ -158,20 +158,7 @@ def collate_detection(samples: list[dict]) -> dict:
     return batch
 
 
-def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: give this worker's augmentation its own seed.
-
-    albumentations 2.0.8 keeps a private RNG in each Compose that every forked worker copies, so without this
-    all workers, and every epoch (workers are forked again), repeat one sequence. torch.initial_seed() here is
-    the DataLoader's per-iterator base seed + worker id (drawn from torch's global RNG, so fixed by
-    seed_everything); the rank is mixed in because DDP ranks seeded alike would draw the same base seed.
-    """
-    info = get_worker_info()
-    dataset = info.dataset
-    if isinstance(dataset, CocoDetectionDataset):
-        dataset.reseed(augmentation_seed(torch.initial_seed(), dataset.rank))
-
-
-def augmentation_seed(base: int, rank: int, epoch: int = 0) -> int:
-    """A 32-bit seed mixing a base seed, the process rank and the epoch."""
-    return int(np.random.SeedSequence([base % 2**63, rank, epoch]).generate_state(1)[0])
+def sample_seed(base: int, epoch: int, index: int, stream: int) -> int:
+    """A 32-bit seed of one random stream (0: mosaic choice and partners, 1: the augmentation) of training
+    sample ``index`` in ``epoch`` under the base seed ``base``."""
+    return int(np.random.SeedSequence([base % 2**63, epoch, index, stream]).generate_state(1)[0])

@@ -67,7 +67,7 @@ class TrainAugmentation:
         )
 
     def reseed(self, seed: int) -> None:
-        """Seed both pipelines (each DataLoader worker, epoch and rank must get its own seed)."""
+        """Seed both pipelines (the training dataset does so for every sample, see ``sample_seed``)."""
         self.with_mosaic.set_random_seed(seed)
         self.without_mosaic.set_random_seed(seed)
 

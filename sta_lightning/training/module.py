@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
@@ -43,6 +44,8 @@ from sta_lightning.training.optim import (
     scaled_weight_decay,
     warmup_iterations,
 )
+from sta_lightning.training.random_state import RandomStateCheckpoint
+from sta_lightning.training.requeue import SLURMRequeue
 
 LOSS_NAMES = ("box_loss", "cls_loss", "dfl_loss")
 NMS_ARGUMENTS = (
@@ -229,9 +232,16 @@ class DetectionModule(L.LightningModule):
         return self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
 
     def configure_callbacks(self) -> list[L.Callback]:
-        if self._fitting() and self.hparams.ema:
-            return [ModelEMA(decay=self.hparams.ema_decay, tau=self.hparams.ema_tau)]
-        return []
+        """While fitting: the EMA, the random states in checkpoints and, under SLURM, the requeue on
+        pre-emption (what an exact resume needs)."""
+        if not self._fitting():
+            return []
+        callbacks: list[L.Callback] = [RandomStateCheckpoint()]
+        if self.hparams.ema:
+            callbacks.append(ModelEMA(decay=self.hparams.ema_decay, tau=self.hparams.ema_tau))
+        if SLURMEnvironment.detect():
+            callbacks.append(SLURMRequeue())
+        return callbacks
 
     @property
     def ema(self) -> AveragedModel | None:
@@ -351,9 +361,10 @@ class DetectionModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if not self._fitting():
-            # validate/test/predict use the EMA weights of state_dict; the EMA callback exists only in fit, so
-            # its state has no taker (Lightning would warn to add the callback).
-            checkpoint.get("callbacks", {}).pop(ModelEMA().state_key, None)
+            # validate/test/predict use the EMA weights of state_dict; the EMA and random-state callbacks
+            # exist only in fit, so their states have no taker (Lightning would warn to add the callbacks).
+            for fit_only in (ModelEMA(), RandomStateCheckpoint()):
+                checkpoint.get("callbacks", {}).pop(fit_only.state_key, None)
         state = checkpoint.get("gradient_accumulation")
         if state is None:
             return
