@@ -5,18 +5,29 @@ stalls."""
 import builtins
 import os
 import time
+from typing import Literal
 
+import torch
 from lightning.pytorch import Callback
 
 
 class NonFiniteLoss(Callback):
-    """The training loss becomes ``value`` (NaN by default) at the given iterations (counted over all
-    epochs, from 0), on the given rank only (None: every rank). The real loss is still computed."""
+    """At the given iterations (counted over all epochs, from 0) and on the given rank only (None: every
+    rank), the training loss becomes ``value`` ("nan", "inf" or "-inf") with ``poison="loss"``, or stays
+    finite but gets NaN gradients with ``poison="gradients"`` (plus sqrt(0 x the parameters' sum), whose
+    derivative is 0 x inf). The real loss is still computed."""
 
-    def __init__(self, iterations: list[int], rank: int | None = None, value: float = float("nan")) -> None:
+    def __init__(
+        self,
+        iterations: list[int],
+        rank: int | None = None,
+        value: Literal["nan", "inf", "-inf"] = "nan",
+        poison: Literal["loss", "gradients"] = "loss",
+    ) -> None:
         self.iterations = set(iterations)
         self.rank = rank
-        self.value = value
+        self.value = float(value)
+        self.poison = poison
         self.iteration = -1
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -26,7 +37,10 @@ class NonFiniteLoss(Callback):
         def faulty_forward(*args, **kwargs):
             total, items = compute(*args, **kwargs)
             if self.iteration in self.iterations and self.rank in (None, trainer.global_rank):
-                total = total * self.value
+                if self.poison == "loss":
+                    total = total * self.value
+                else:
+                    total = total + torch.sqrt(0 * sum(p.sum() for p in pl_module.parameters()))
             return total, items
 
         loss.forward = faulty_forward  # an instance attribute: nn.Module.__call__ calls self.forward
