@@ -10,13 +10,15 @@ from torch import nn
 from sta_lightning.training import DetectionModule
 
 
-def write_scoring_checkpoint(path: Path) -> Path:
-    """Write at ``path`` the checkpoint of an untrained 5-class detector whose boxes and scores vary enough
+def write_scoring_checkpoint(path: Path, num_classes: int = 5) -> Path:
+    """Write at ``path`` the checkpoint of an untrained detector whose boxes and scores vary enough
     to overlap some of the demo shapes: He-initialised convolutions (the stock initialisation outputs little
     more than the head biases), box logits damped and biased towards short side distances (boxes of about 4
     strides). Returns ``path``."""
     torch.manual_seed(0)
-    module = DetectionModule(num_classes=5, sta=[{"layer": 8, "stoken_size": [1, 1], "num_heads": 2}])
+    module = DetectionModule(
+        num_classes=num_classes, sta=[{"layer": 8, "stoken_size": [1, 1], "num_heads": 2}]
+    )
     with torch.no_grad():
         for layer in module.modules():
             if isinstance(layer, nn.Conv2d) and layer.weight.requires_grad:
