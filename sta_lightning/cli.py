@@ -4,7 +4,9 @@ Beyond Lightning's own CLI it adds:
 - ``checkpoint.*``: a ModelCheckpoint on ``val/mAP`` (best and last), configurable like any other class;
 - checkpoints written atomically (a kill never leaves a half-written ``last.ckpt``) and checked when read:
   a damaged ``--ckpt_path`` gives a ``CheckpointError`` naming the file (``LocalAtomicCheckpointIO``);
-- ``prediction.*``: the PredictionWriter used by ``predict`` (COCO json, optional rendered images);
+- ``prediction.*``: the PredictionWriter used by ``predict`` (COCO json, optional rendered images), which
+  also writes ``test_results.json`` (COCO results of the evaluated detections) into the run folder after
+  ``test``;
 - the resolved config saved as ``config.yaml`` in the log dir and copied into W&B runs;
 - ``model.pretrained`` is ignored when ``--ckpt_path`` is given (the checkpoint holds the weights);
 - the classes (``num_classes``, ``class_names``, ``category_ids``) linked from the datamodule to the model;
