@@ -3,7 +3,11 @@
 Beyond Lightning's own CLI it adds:
 - ``checkpoint.*``: a ModelCheckpoint on ``val/mAP`` (the best, and ``last.ckpt`` at every save point:
   ``ResumableModelCheckpoint``), configurable like any other class;
-- ``prediction.*``: the PredictionWriter used by ``predict`` (COCO json, optional rendered images);
+- checkpoints written atomically (a kill never leaves a half-written ``last.ckpt``) and checked when read:
+  a damaged ``--ckpt_path`` gives a ``CheckpointError`` naming the file (``LocalAtomicCheckpointIO``);
+- ``prediction.*``: the PredictionWriter used by ``predict`` (COCO json, optional rendered images), which
+  also writes ``test_results.json`` (COCO results of the evaluated detections) into the run folder after
+  ``test``;
 - the resolved config saved as ``config.yaml`` in the log dir and copied into W&B runs;
 - ``model.pretrained`` is ignored when ``--ckpt_path`` is given (the checkpoint holds the weights);
 - the classes (``num_classes``, ``class_names``, ``category_ids``) linked from the datamodule to the model;
@@ -15,15 +19,19 @@ A checkpoint also carries the model's hyperparameters, which LightningCLI reads 
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Any
 
-import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from sta_lightning.callbacks.prediction_writer import PredictionWriter
 from sta_lightning.callbacks.save_config import WandbSaveConfigCallback
+from sta_lightning.checkpoint_file import read_checkpoint
 from sta_lightning.data import COCODataModule
 from sta_lightning.training import DetectionModule
+from sta_lightning.training.checkpoint_io import LocalAtomicCheckpointIO
 from sta_lightning.training.checkpointing import ResumableModelCheckpoint
 
 CLASS_KEYS = ("num_classes", "class_names", "category_ids")
@@ -49,12 +57,29 @@ class STALightningCLI(LightningCLI):
                 "data", f"model.{key}", compute_fn=partial(self._class_info, key), apply_on="instantiate"
             )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check a ``--ckpt_path`` file (LightningCLI reads its hyperparameters next, with a bare
+        torch error for a damaged file): ``read_checkpoint`` raises a CheckpointError naming it."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            self._ckpt_hyperparameters = read_checkpoint(ckpt_path).get("hyper_parameters", {})
+
     def before_instantiate_classes(self) -> None:
         # With --ckpt_path the checkpoint holds the weights: ``model.pretrained`` is not read again, so a
         # checkpoint fine-tuned from a file validates and resumes where that file does not exist.
         subcommand = self.config.get("subcommand")
         if subcommand and self.config[subcommand].get("ckpt_path"):
             self.config[subcommand]["model"]["pretrained"] = None
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer, with ``LocalAtomicCheckpointIO`` unless the config names another CheckpointIO."""
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(LocalAtomicCheckpointIO())
+        return super().instantiate_trainer(plugins=plugins, **kwargs)
 
     def _class_info(self, key: str, datamodule: Any) -> Any:
         """``datamodule.<key>``, or the checkpoint's when the datamodule has no annotation file."""
@@ -76,7 +101,7 @@ class STALightningCLI(LightningCLI):
         if not ckpt_path:
             return {}
         if not hasattr(self, "_ckpt_hyperparameters"):
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            checkpoint = read_checkpoint(ckpt_path)
             self._ckpt_hyperparameters = checkpoint.get("hyper_parameters", {})
         return self._ckpt_hyperparameters
 

@@ -23,8 +23,9 @@ PAD_VALUE = 114
 def read_image(path: str | Path, apply_exif_orientation: bool = False) -> np.ndarray:
     """Decode an image file to (H, W, 3) uint8 RGB; raises OSError naming the file when it cannot be decoded.
 
-    Annotated datasets are read without EXIF rotation so that pixels match the annotation file's width, height
-    and boxes (the frame the image scan checks); prediction may honour the EXIF orientation, as a viewer does.
+    Images of an annotation file are read in its frame: the stored pixels, unless the annotation's width and
+    height are those of the EXIF-oriented view only (``sta_lightning.data.coco``); prediction without an
+    annotation file honours the EXIF orientation, as a viewer does.
     """
     flags = cv2.IMREAD_COLOR if apply_exif_orientation else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
     image = cv2.imread(str(path), flags)

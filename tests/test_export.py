@@ -276,7 +276,7 @@ def test_missing_or_foreign_checkpoints_are_refused(tmp_path, capsys):
     missing = tmp_path / "missing.ckpt"
     with pytest.raises(SystemExit):
         main(["export", f"--ckpt_path={missing}"])
-    assert f"checkpoint '{missing}' does not exist" in capsys.readouterr().err
+    assert f"checkpoint {missing} does not exist" in capsys.readouterr().err
     foreign = tmp_path / "weights.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
     with pytest.raises(ValueError, match="no DetectionModule hyper_parameters"):

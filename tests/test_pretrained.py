@@ -186,7 +186,7 @@ def test_a_missing_or_broken_file_gives_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_pretrained(YOLOv8("n", 5), tmp_path / "absent.pt")
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="broken.pt is not a readable torch checkpoint"):
+    with pytest.raises(ValueError, match="broken.pt is damaged or not a torch checkpoint"):
         load_pretrained(YOLOv8("n", 5), tmp_path / "broken.pt")
 
 

@@ -7,14 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning
 import pytest
-import torch
-from torch import nn
+from detector_checkpoint import write_scoring_checkpoint
 
 from sta_lightning.cli import main
 from sta_lightning.data import DemoDataModule
-from sta_lightning.training import DetectionModule
 
 NUM_VAL = 7  # odd: the distributed sampler pads rank 1 with a repeated image, which must count once
 
@@ -33,30 +30,10 @@ def data_args(root: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A checkpoint of an untrained detector whose boxes and scores vary enough to overlap some of the shapes
-    (nonzero metrics): He-initialised convolutions (the stock initialisation outputs little more than the head
-    biases), box logits damped and biased towards short side distances (boxes of about 4 strides)."""
+    """A checkpoint of an untrained detector with nonzero metrics on the demo shapes."""
     root = tmp_path_factory.mktemp("ddp")
     DemoDataModule(root=str(root / "demo"), num_train=4, num_val=NUM_VAL).prepare_data()
-    torch.manual_seed(0)
-    module = DetectionModule(num_classes=5, sta=[{"layer": 8, "stoken_size": [1, 1], "num_heads": 2}])
-    with torch.no_grad():
-        for layer in module.modules():
-            if isinstance(layer, nn.Conv2d) and layer.weight.requires_grad:
-                nn.init.kaiming_normal_(layer.weight)
-        for branch in module.model.head.box_branches:
-            branch[-1].weight.mul_(0.1)
-            branch[-1].bias.copy_((-0.7 * torch.arange(16.0)).repeat(4))
-    path = root / "model.ckpt"
-    torch.save(
-        {
-            "state_dict": module.state_dict(),
-            "hyper_parameters": dict(module.hparams),
-            "pytorch-lightning_version": lightning.__version__,
-        },
-        path,
-    )
-    return path
+    return write_scoring_checkpoint(root / "model.ckpt")
 
 
 def read_metrics(save_dir: Path) -> dict[str, float]:

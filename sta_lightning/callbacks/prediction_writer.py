@@ -1,4 +1,5 @@
-"""Write ``predict`` results as COCO json (and optionally images with the boxes drawn)."""
+"""Write ``predict`` results as COCO json (and optionally images with the boxes drawn), and the detections
+that ``test`` evaluated as a COCO results file."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from sta_lightning.callbacks.image_logging import run_folder
 from sta_lightning.distributed import gather_on_rank_zero
 from sta_lightning.geometry import read_image
+from sta_lightning.metrics.coco import coco_results
 from sta_lightning.visualize import draw_detections
 
 DETECTIONS_FILE = "predictions.json"
 IMAGES_FILE = "images.json"
+TEST_RESULTS_FILE = "test_results.json"
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -34,7 +37,13 @@ class PredictionWriter(BasePredictionWriter):
 
     Under DDP the ranks' results are gathered and written once by rank 0 (images repeated by the sampler's
     padding are kept once). ``output_dir`` None means ``predictions/`` in the run folder (the logger's log
-    dir).
+    dir). With an annotation file (``data.predict_annotations``) image ids and category ids are that
+    file's; without one, ids number the inputs from 0.
+
+    After ``test``, the detections that the COCO evaluation scored (gathered from every rank, each image
+    once) are written by global rank 0 as ``test_results.json`` in the run folder: COCO results with the
+    annotation file's image and category ids and exact boxes in its pixel frame, the format of a COCO
+    test-dev submission; pycocotools scores it to the metrics that ``test`` logged.
     """
 
     def __init__(
@@ -69,6 +78,16 @@ class PredictionWriter(BasePredictionWriter):
             self.write(sorted(unique.values(), key=lambda r: r["image_id"]), trainer, pl_module)
         self._results = []
 
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        detections = getattr(getattr(pl_module, "evaluator", None), "last_detections", None)
+        if detections is None or not trainer.is_global_zero:
+            return
+        path = Path(run_folder(trainer)) / TEST_RESULTS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(coco_results(detections)))
+        images = len(np.unique(detections[:, 0]))
+        rank_zero_info(f"Wrote the {len(detections)} test detections (on {images} images) to {path}")
+
     def resolved_output_dir(self, trainer: L.Trainer) -> Path:
         if self.output_dir is not None:
             return Path(self.output_dir)
@@ -92,15 +111,17 @@ class PredictionWriter(BasePredictionWriter):
                     "width": width,
                 }
             )
-            for x1, y1, x2, y2, score, class_index in result["detections"].tolist():
-                detections.append(
-                    {
-                        "image_id": result["image_id"],
-                        "category_id": category_ids[int(class_index)],
-                        "bbox": [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)],
-                        "score": round(score, 5),
-                    }
-                )
+            found = result["detections"].astype(np.float64).reshape(-1, 6)
+            rows = np.column_stack(
+                [
+                    np.full(len(found), result["image_id"]),
+                    found[:, :2],
+                    found[:, 2:4] - found[:, :2],
+                    found[:, 4],
+                    np.asarray(category_ids)[found[:, 5].astype(np.int64)],
+                ]
+            )
+            detections.extend(coco_results(rows, box_decimals=2, score_decimals=5))
             if self.render and path is not None:
                 self._render(result, path, output_dir / "images", class_names)
         categories = [{"id": i, "name": name} for i, name in zip(category_ids, class_names, strict=True)]
@@ -116,8 +137,12 @@ class PredictionWriter(BasePredictionWriter):
         folder.mkdir(parents=True, exist_ok=True)
         found = result["detections"]
         labels = [f"{class_names[int(c)]} {s:.2f}" for s, c in zip(found[:, 4], found[:, 5], strict=True)]
-        # Prediction reads images with their EXIF orientation, so the boxes are in that frame.
-        drawn = draw_detections(read_image(path, apply_exif_orientation=True), found[:, :4], labels)
+        # The boxes are in the frame the image was predicted in: EXIF-oriented, or the stored pixels when an
+        # annotation file says so (told apart by size; a 180-degree EXIF turn is drawn on the oriented view).
+        image = read_image(path, apply_exif_orientation=True)
+        if image.shape[:2] != tuple(result["orig_size"]):
+            image = read_image(path)
+        drawn = draw_detections(image, found[:, :4], labels)
         cv2.imwrite(
             str(folder / f"{result['image_id']:06d}_{path.stem}.{self.image_format}"),
             cv2.cvtColor(np.ascontiguousarray(drawn), cv2.COLOR_RGB2BGR),

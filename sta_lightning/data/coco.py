@@ -34,11 +34,15 @@ from rich.progress import track
 log = logging.getLogger(__name__)
 
 CACHE_DIR_ENV = "STA_LIGHTNING_CACHE_DIR"
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 _EXAMPLES_SHOWN = 5
 _CLIP_TOLERANCE_PX = (
     1.0  # COCO boxes overrun their image by float rounding; only larger overruns are reported
 )
+
+
+_EXIF_ORIENTATION_TAG = 0x0112
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 class DataWarning(UserWarning):
@@ -120,7 +124,9 @@ def read_categories(path: str | Path) -> tuple[tuple[int, ...], tuple[str, ...]]
 class CocoIndex:
     """The usable images of one annotation file and their training targets (crowd regions excluded).
 
-    ``image_ids`` (N,) int64, ``file_names`` (N,) str, ``sizes`` (N, 2) int64 (h, w) original pixels;
+    ``image_ids`` (N,) int64, ``file_names`` (N,) str, ``sizes`` (N, 2) int64 (h, w) original pixels (the
+    annotation's frame), ``exif_oriented`` (N,) bool: image i is read with its EXIF orientation applied
+    (``annotation_frame_is_exif_oriented``);
     ``boxes`` (M, 4) float32 xyxy original pixels and ``labels`` (M,) int64 class indices, image i owning rows
     ``box_starts[i]:box_starts[i + 1]``. The bad-input report (what was skipped) travels with it.
     """
@@ -132,6 +138,7 @@ class CocoIndex:
     image_ids: np.ndarray
     file_names: np.ndarray
     sizes: np.ndarray
+    exif_oriented: np.ndarray
     box_starts: np.ndarray
     boxes: np.ndarray
     labels: np.ndarray
@@ -269,6 +276,10 @@ def _build_index(annotation_file: Path, image_dir: Path, scan_workers: int) -> C
     )
     bad_ids = {image_id for image_id, _, _ in bad_images}
     kept = [image_id for image_id in images if image_id not in bad_ids]
+    exif_oriented = [
+        annotation_frame_is_exif_oriented(image_dir / images[image_id][0], images[image_id][1:])
+        for image_id in kept
+    ]
     rows = [row for image_id in kept for row in boxes_of[image_id]]
     table = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
     counts = np.asarray([len(boxes_of[image_id]) for image_id in kept], dtype=np.int64)
@@ -280,6 +291,7 @@ def _build_index(annotation_file: Path, image_dir: Path, scan_workers: int) -> C
         image_ids=np.asarray(kept, dtype=np.int64),
         file_names=np.asarray([images[image_id][0] for image_id in kept], dtype=str),
         sizes=np.asarray([images[image_id][1:] for image_id in kept], dtype=np.int64).reshape(-1, 2),
+        exif_oriented=np.asarray(exif_oriented, dtype=bool),
         box_starts=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
         boxes=table[:, :4].astype(np.float32),
         labels=table[:, 4].astype(np.int64),
@@ -291,18 +303,39 @@ def _build_index(annotation_file: Path, image_dir: Path, scan_workers: int) -> C
     )
 
 
+def _stored_and_oriented_sizes(image: Image.Image) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(h, w) of the stored pixels and (h, w) once the EXIF orientation is applied."""
+    width, height = image.size
+    orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    return (height, width), ((width, height) if orientation in _TRANSPOSING_ORIENTATIONS else (height, width))
+
+
+def annotation_frame_is_exif_oriented(path: Path, expected_hw: tuple[int, int]) -> bool:
+    """Whether an annotation's (h, w) for the image at ``path`` is that of its EXIF-oriented view.
+
+    The rule for EXIF-rotated images: an annotation whose width and height are the stored pixel size
+    (COCO's convention) refers to the stored pixels; one whose size only matches the view with the EXIF
+    orientation applied (rotated by 90 or 270 degrees) refers to that view. Where both match (no EXIF
+    rotation, a 180-degree rotation, a mirror, a square image) the stored pixels win.
+    """
+    with Image.open(path) as image:
+        stored, oriented = _stored_and_oriented_sizes(image)
+    return tuple(expected_hw) != stored and tuple(expected_hw) == oriented
+
+
 def check_image_file(path: Path, expected_hw: tuple[int, int] | None = None) -> str | None:
     """Why an image file is unusable ('missing', 'unreadable: ...', 'corrupt: ...', 'size ...') or None.
 
     Reads the header (PIL), runs PIL's structural verify, and for JPEGs checks the end-of-image marker; a JPEG
-    without it is decoded in full, which fails for a truncated file. Sizes are compared without EXIF rotation.
+    without it is decoded in full, which fails for a truncated file. ``expected_hw`` must be the stored size
+    or the EXIF-oriented one (``annotation_frame_is_exif_oriented``).
     """
     if not path.is_file():
         return "missing"
     try:
         with open(path, "rb") as f:
             with Image.open(f) as image:
-                width, height = image.size
+                sizes = _stored_and_oriented_sizes(image)
                 is_jpeg = image.format == "JPEG"
                 image.verify()
             if is_jpeg:
@@ -317,8 +350,12 @@ def check_image_file(path: Path, expected_hw: tuple[int, int] | None = None) -> 
         Exception
     ) as error:  # PIL raises many types for damaged files (OSError, SyntaxError, ValueError, ...)
         return f"corrupt: {error}"
-    if expected_hw is not None and (height, width) != tuple(expected_hw):
-        return f"size {width}x{height} differs from the annotation's {expected_hw[1]}x{expected_hw[0]}"
+    if expected_hw is not None and tuple(expected_hw) not in sizes:
+        (height, width), (oriented_height, oriented_width) = sizes
+        return (
+            f"size {width}x{height} (EXIF-oriented {oriented_width}x{oriented_height}) differs from the "
+            f"annotation's {expected_hw[1]}x{expected_hw[0]}"
+        )
     return None
 
 
@@ -360,7 +397,7 @@ def _cache_file(annotation_file: Path, image_dir: Path) -> Path:
     return cache_dir() / "coco_index" / f"{annotation_file.stem}-{digest}.npz"
 
 
-_ARRAY_FIELDS = ("image_ids", "file_names", "sizes", "box_starts", "boxes", "labels")
+_ARRAY_FIELDS = ("image_ids", "file_names", "sizes", "exif_oriented", "box_starts", "boxes", "labels")
 _REPORT_FIELDS = (
     "category_ids",
     "class_names",

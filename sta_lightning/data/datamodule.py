@@ -46,7 +46,11 @@ class COCODataModule(L.LightningDataModule):
         train_images, train_annotations: training image folder and instances json (needed by ``fit``).
         val_images, val_annotations: validation split (needed by ``fit`` and ``validate``).
         test_images, test_annotations: test split; ``test`` uses the validation split when they are not given.
-        predict_images: an image file, a folder of images, or a list of image files (needed by ``predict``).
+        predict_images: an image file, a folder of images, or a list of image files (needed by ``predict``);
+            with ``predict_annotations``, the folder of that file's images.
+        predict_annotations: a COCO json listing the images to predict (``images`` and ``categories``;
+            ``annotations`` may be empty): the predictions carry its image and category ids and are in its
+            pixel frame; listed images missing from the folder are skipped with a DataWarning.
         image_size: input size S (square, a multiple of 32).
         batch_size: images per batch and per device.
         num_workers: DataLoader processes; None picks min(8, CPU count).
@@ -72,6 +76,7 @@ class COCODataModule(L.LightningDataModule):
         test_images: str | None = None,
         test_annotations: str | None = None,
         predict_images: str | list[str] | None = None,
+        predict_annotations: str | None = None,
         image_size: int = 640,
         batch_size: int = 16,
         num_workers: int | None = None,
@@ -103,6 +108,7 @@ class COCODataModule(L.LightningDataModule):
             "test": (test_images, test_annotations) if test_annotations else (val_images, val_annotations),
         }
         self.predict_images = predict_images
+        self.predict_annotations = predict_annotations
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
@@ -122,11 +128,11 @@ class COCODataModule(L.LightningDataModule):
         self._categories = self._read_categories()
 
     def _read_categories(self) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
-        """(category ids, names) of the first annotation file given (val, train, test), or None."""
-        for split in ("val", "train", "test"):
-            annotations = self.splits[split][1]
-            if annotations:
-                return read_categories(annotations)
+        """(category ids, names) of the first annotation file given (val, train, test, predict), or None."""
+        files = [self.splits[split][1] for split in ("val", "train", "test")] + [self.predict_annotations]
+        for annotation_file in files:
+            if annotation_file:
+                return read_categories(annotation_file)
         return None
 
     def _require_categories(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
@@ -204,6 +210,8 @@ class COCODataModule(L.LightningDataModule):
         elif stage in ("validate", "test"):
             split = _EVAL_STAGES[stage]
             self.datasets[split] = self._load_split(split, stage)
+        elif stage == "predict" and self.predict_annotations:
+            self.datasets["predict"] = self._annotated_predict_images()
         elif stage == "predict":
             if not self.predict_images:
                 raise ValueError("'predict' needs predict_images: an image file, a folder or a list of files")
@@ -218,6 +226,22 @@ class COCODataModule(L.LightningDataModule):
             if not paths:
                 raise ValueError(f"no readable image to predict in {self.predict_images}")
             self.datasets["predict"] = ImageFolderDataset(paths, self.image_size)
+
+    def _annotated_predict_images(self) -> ImageFolderDataset:
+        """The images of ``predict_annotations`` found in the ``predict_images`` folder, with their ids and
+        frames (the scan warns about, and leaves out, missing or unreadable ones)."""
+        if not isinstance(self.predict_images, str | os.PathLike):
+            raise ValueError(
+                "with predict_annotations, predict_images must be the folder of its images, got "
+                f"{self.predict_images!r}"
+            )
+        index = load_coco_index(self.predict_annotations, self.predict_images, max(1, self.num_workers))
+        if not len(index):
+            raise ValueError(f"no image of {self.predict_annotations} is readable in {self.predict_images}")
+        paths = [index.image_path(i) for i in range(len(index))]
+        return ImageFolderDataset(
+            paths, self.image_size, index.image_ids.tolist(), index.exif_oriented.tolist()
+        )
 
     def set_epoch(self, epoch: int, max_epochs: int | None) -> None:
         """Each training epoch start: the epoch of the augmentation draws; mosaic off in the last

@@ -56,7 +56,7 @@ class CocoDetectionDataset(Dataset):
 
     def load_resized(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         """Image i resized to long side S, its boxes (n, 4) in resized pixels, labels (n,), and the ratio."""
-        image = read_image(self.index.image_path(i))
+        image = read_image(self.index.image_path(i), bool(self.index.exif_oriented[i]))
         image, ratio = resize_long_side(image, self.image_size)
         boxes, labels = self.index.targets(i)
         return image, boxes * np.float32(ratio), labels.copy(), ratio
@@ -86,17 +86,31 @@ class CocoDetectionDataset(Dataset):
 
 
 class ImageFolderDataset(Dataset):
-    """Letterboxed images for prediction; ``image_id`` is the running index and ``path`` the file."""
+    """Letterboxed images for prediction; ``path`` is the file.
 
-    def __init__(self, paths: list[Path], image_size: int) -> None:
+    ``image_ids`` (default: the running index) and ``exif_oriented`` (default: all True, the EXIF-oriented
+    view, as a viewer shows it) come from an annotation file's ``CocoIndex`` when one is given.
+    """
+
+    def __init__(
+        self,
+        paths: list[Path],
+        image_size: int,
+        image_ids: list[int] | None = None,
+        exif_oriented: list[bool] | None = None,
+    ) -> None:
         self.paths = paths
         self.image_size = image_size
+        self.image_ids = list(range(len(paths))) if image_ids is None else [int(i) for i in image_ids]
+        self.exif_oriented = (
+            [True] * len(paths) if exif_oriented is None else [bool(e) for e in exif_oriented]
+        )
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
-        image = read_image(self.paths[i], apply_exif_orientation=True)
+        image = read_image(self.paths[i], apply_exif_orientation=self.exif_oriented[i])
         orig_size = image.shape[:2]
         image, ratio = resize_long_side(image, self.image_size)
         image, pad = letterbox(image, self.image_size)
@@ -104,7 +118,7 @@ class ImageFolderDataset(Dataset):
             "image": _to_chw_tensor(image),
             "boxes": torch.zeros((0, 4), dtype=torch.float32),
             "labels": torch.zeros((0,), dtype=torch.int64),
-            "image_id": i,
+            "image_id": self.image_ids[i],
             "orig_size": orig_size,
             "scale": ratio,
             "pad": pad,

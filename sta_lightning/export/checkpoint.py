@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from sta_lightning.checkpoint_file import read_checkpoint
 from sta_lightning.models import STAPlacement, YOLOv8
 
 MODEL_PREFIX = "model."  # DetectionModule keeps its YOLOv8 as ``model``
@@ -18,16 +16,12 @@ def detector_from_checkpoint(path: str | Path) -> tuple[YOLOv8, dict[str, Any]]:
 
     ``fit`` saves the averaged (EMA) weights as ``state_dict``, so those are the weights returned. The
     architecture comes from the checkpoint's ``hyper_parameters`` (model_scale, num_classes, sta); the file
-    is read with ``torch.load(weights_only=True)``. Returns (detector, hyper_parameters). Raises
-    FileNotFoundError naming a missing path, ValueError for a file that is not such a checkpoint.
+    is read with ``read_checkpoint`` (``weights_only``). Returns (detector, hyper_parameters). Raises
+    FileNotFoundError naming a missing path, ``CheckpointError`` for a damaged file and ValueError for a
+    checkpoint not written by ``fit``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise ValueError(f"checkpoint {str(path)!r} is not a readable torch checkpoint ({error})") from error
+    checkpoint = read_checkpoint(path)
     hyper_parameters = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hyper_parameters, dict) or "model_scale" not in hyper_parameters:
         raise ValueError(

@@ -96,6 +96,27 @@ def detections_to_array(detections: np.ndarray | Sequence[dict]) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64).reshape(-1, 7)
 
 
+def coco_results(
+    detections: np.ndarray, box_decimals: int | None = None, score_decimals: int | None = None
+) -> list[dict]:
+    """(N, 7) [image_id, x, y, w, h, score, category_id] -> COCO result dicts {"image_id", "category_id",
+    "bbox" [x, y, w, h], "score"} (the results format of COCO's evaluation server), values rounded to the
+    given decimals or kept exact (``COCO.loadRes`` then reads back the same array)."""
+
+    def rounded(value: float, decimals: int | None) -> float:
+        return value if decimals is None else round(value, decimals)
+
+    return [
+        {
+            "image_id": int(image_id),
+            "category_id": int(category_id),
+            "bbox": [rounded(v, box_decimals) for v in (x, y, w, h)],
+            "score": rounded(score, score_decimals),
+        }
+        for image_id, x, y, w, h, score, category_id in np.asarray(detections, dtype=np.float64).tolist()
+    ]
+
+
 def _check_known_ids(ids: np.ndarray | Sequence[int], known: Container[int], what: str, source: str) -> None:
     """Raise ValueError naming up to 10 ids that are not integers or not among the annotation file's ids."""
     unique = np.unique(np.asarray(ids, dtype=np.float64))

@@ -32,6 +32,10 @@ class COCOEvaluator(Metric):
     images seen since ``reset`` are evaluated, so a validation subset or skipped (corrupt) images do not
     count as misses.
 
+    ``last_detections``: on the rank that evaluated (rank 0), the (N, 7) [image_id, x, y, w, h, score,
+    category_id] detections of the last ``compute`` (original pixels, the annotation file's ids), for writing
+    them as COCO results; None elsewhere and before.
+
     The annotation json is read and checked when the evaluator is built (on every rank, so that a file
     evaluation cannot use fails at setup); rank 0 keeps it and reuses it across epochs.
 
@@ -62,6 +66,7 @@ class COCOEvaluator(Metric):
         self._annotations = annotations if not is_distributed() or dist.get_rank() == 0 else None
         self.category_ids = np.asarray(category_ids, dtype=np.int64)
         self.options = dict(per_class=per_class, curves=curves, confusion=confusion, verbose=verbose)
+        self.last_detections: np.ndarray | None = None
         self.add_state("image_ids", default=[], dist_reduce_fx="cat")
         self.add_state("num_detections", default=[], dist_reduce_fx="cat")
         self.add_state("detections", default=[], dist_reduce_fx="cat")
@@ -151,6 +156,7 @@ class COCOEvaluator(Metric):
         detections[:, 3:5] = kept[:, 2:4] - kept[:, 0:2]
         detections[:, 5] = kept[:, 4]
         detections[:, 6] = self.category_ids[kept[:, 5].astype(np.int64)]
+        self.last_detections = detections
         return evaluate_coco(self._annotations, detections, image_ids=image_ids[first_seen], **self.options)
 
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
+from sta_lightning.checkpoint_file import read_checkpoint
 from sta_lightning.models.yolo import SCALES, YOLOv8, shape_without_unit_dims
 
 # Globals that become inert stand-ins: module classes of the reference and of torch, the reference's
@@ -70,29 +70,27 @@ def load_checkpoint_safely(path: str | Path) -> Any:
     """``torch.load(path, weights_only=True)`` with stand-ins for the allow-listed globals (module docstring).
 
     Raises FileNotFoundError for a missing file, UnsafeCheckpointError naming the first global outside the
-    allow-list, and ValueError for a file that is not a readable torch checkpoint.
+    allow-list, and ``CheckpointError`` (a ValueError) naming a damaged file or one that is not a torch
+    checkpoint.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights: no such file {path}")
-    try:
-        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception as error:  # not a zip checkpoint, truncated, ...
-        raise ValueError(
-            f"pretrained weights: {path} is not a readable torch checkpoint ({error})"
-        ) from error
-    stand_ins = []
-    for name in needed:
-        stand_in = _stand_in(name)
-        if stand_in is None:
-            raise UnsafeCheckpointError(
-                f"pretrained weights: {path} is refused: unpickling it needs the global {name!r}, which is "
-                f"outside the allow-list (classes under {', '.join(STAND_IN_PREFIXES)} and builtins.getattr, "
-                "read as inert stand-ins)"
-            )
-        stand_ins.append((stand_in, name))
-    with torch.serialization.safe_globals(stand_ins):
-        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def stand_ins(needed: list[str]) -> list[tuple[Any, str]]:
+        allowed = []
+        for name in needed:
+            stand_in = _stand_in(name)
+            if stand_in is None:
+                raise UnsafeCheckpointError(
+                    f"pretrained weights: {path} is refused: unpickling it needs the global {name!r}, which "
+                    f"is outside the allow-list (classes under {', '.join(STAND_IN_PREFIXES)} and "
+                    "builtins.getattr, read as inert stand-ins)"
+                )
+            allowed.append((stand_in, name))
+        return allowed
+
+    return read_checkpoint(path, allowed_globals=stand_ins)
 
 
 def module_tensors(module: PickledObject, prefix: str = "") -> dict[str, Tensor]:

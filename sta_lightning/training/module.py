@@ -5,7 +5,8 @@ batches ramps up during warmup (which Lightning's fixed ``accumulate_grad_batche
 the per-batch loss times the batch size (times the world size under DDP, which averages gradients),
 gradients are summed until ``accumulate`` iterations have passed since the last step (the count runs across
 epochs), clipped to norm 10, and every optimizer step is followed by an EMA update (``ModelEMA``, added by
-``configure_callbacks``). Validation and checkpoints use the EMA weights.
+``configure_callbacks``). Validation and checkpoints use the EMA weights. Steps with a non-finite loss or
+gradients are skipped (``sta_lightning.training.nonfinite``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from sta_lightning.models import (
     non_max_suppression,
 )
 from sta_lightning.training.ema import ModelEMA
+from sta_lightning.training.nonfinite import NonFiniteStepGuard, gradients_are_finite
 from sta_lightning.training.optim import (
     GROUP_NAMES,
     OptimizerName,
@@ -106,6 +108,8 @@ class DetectionModule(L.LightningModule):
             warmup_min_iterations) iterations; warmup_epochs 0 disables warmup.
         warmup_bias_lr: bias lr at the start of warmup; warmup_momentum: momentum at the start of warmup.
         gradient_clip_norm: max total gradient norm per step (0 disables clipping).
+        max_nonfinite_steps: training steps skipped for a NaN or inf loss or gradients, with no optimizer step
+            in between, after which the fit stops (``sta_lightning.training.nonfinite``).
         ema: keep an exponential moving average of the weights for validation and checkpoints.
         ema_decay, ema_tau: EMA decay d = ema_decay (1 - exp(-updates / ema_tau)).
         pretrained: weights to start from (``load_pretrained``): a reference YOLOv8 ``.pt`` (8.0-8.4,
@@ -148,6 +152,7 @@ class DetectionModule(L.LightningModule):
         warmup_bias_lr: float = 0.1,
         warmup_momentum: float = 0.8,
         gradient_clip_norm: float = 10.0,
+        max_nonfinite_steps: int = 10,
         ema: bool = True,
         ema_decay: float = 0.9999,
         ema_tau: float = 2000.0,
@@ -219,6 +224,7 @@ class DetectionModule(L.LightningModule):
         self.schedule: TrainingSchedule | None = None
         self.last_optimizer_step = -1  # iteration (over all epochs) of the last optimizer step
         self._restored_gradients: dict[str, Tensor] = {}  # pending gradients read from a checkpoint
+        self.nonfinite_guard = NonFiniteStepGuard(max_nonfinite_steps)
 
     def forward(self, images: Tensor) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
         """float images (B, 3, S, S) in [0, 1] -> the detector's output (see ``YOLOv8``)."""
@@ -320,10 +326,22 @@ class DetectionModule(L.LightningModule):
         predictions = self.model(self.model_input(batch["images"]))
         targets = {key: batch[key] for key in ("batch_idx", "cls", "bboxes")}
         total, items = self.loss(predictions, targets)
+        where = (iteration, self.current_epoch, self.trainer.global_step)
+        # Every rank must agree: backward is collective under DDP.
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(total)), all=True):
+            self.nonfinite_guard.skipped("loss", *where)
+            self.last_optimizer_step += 1  # so that the skipped batch does not count towards the accumulation
+            return None
         # DDP averages gradients over processes; the recipe sums them.
         self.manual_backward(total * self.trainer.world_size)
         if iteration - self.last_optimizer_step >= settings.accumulate:
-            optimizer.step()  # gradients are clipped in on_before_optimizer_step (after AMP unscaling)
+            # Gradients are synchronised across ranks by now, so every rank decides alike. Under a GradScaler
+            # (fp16) the scaler checks the unscaled gradients and skips the step itself.
+            if self._gradient_scaler_active() or gradients_are_finite(list(self.parameters())):
+                optimizer.step()  # gradients are clipped in on_before_optimizer_step (after AMP unscaling)
+                self.nonfinite_guard.passed()
+            else:
+                self.nonfinite_guard.skipped("gradients", *where)
             optimizer.zero_grad(set_to_none=True)
             self.last_optimizer_step = iteration
 
@@ -335,6 +353,10 @@ class DetectionModule(L.LightningModule):
         lrs = {f"lr/{name}": lr for name, lr in zip(GROUP_NAMES, settings.lrs, strict=True)}
         self.log_dict(lrs, on_step=True, on_epoch=False, batch_size=batch_size)
         return total.detach()
+
+    def _gradient_scaler_active(self) -> bool:
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return scaler is not None and scaler.is_enabled()
 
     def on_validation_model_zero_grad(self) -> None:
         """Keep the gradients summed since the last optimizer step (Lightning would free them before
