@@ -6,7 +6,9 @@ Beyond Lightning's own CLI it adds:
 - the resolved config saved as ``config.yaml`` in the log dir and copied into W&B runs;
 - ``model.pretrained`` is ignored when ``--ckpt_path`` is given (the checkpoint holds the weights);
 - the classes (``num_classes``, ``class_names``, ``category_ids``) linked from the datamodule to the model;
-  when the datamodule has no annotation file (``predict`` on bare images) they come from ``--ckpt_path``.
+  when the datamodule has no annotation file (``predict`` on bare images) they come from ``--ckpt_path``;
+- ``--trainer.sync_batchnorm=true`` synchronises BatchNorm on CPU processes (gloo) too
+  (``SyncBatchNormOnAnyDevice``; Lightning's own plugin raises on CPU tensors).
 A checkpoint also carries the model's hyperparameters, which LightningCLI reads back from ``--ckpt_path``, so
 ``validate|test|predict --ckpt_path X`` needs only the data arguments.
 """
@@ -17,13 +19,16 @@ from functools import partial
 from typing import Any
 
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.layer_sync import LayerSync
 
 from sta_lightning.callbacks.prediction_writer import PredictionWriter
 from sta_lightning.callbacks.save_config import WandbSaveConfigCallback
 from sta_lightning.data import COCODataModule
 from sta_lightning.training import DetectionModule
+from sta_lightning.training.layer_sync import SyncBatchNormOnAnyDevice
 
 CLASS_KEYS = ("num_classes", "class_names", "category_ids")
 CHECKPOINT_DEFAULTS = {
@@ -54,6 +59,16 @@ class STALightningCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand and self.config[subcommand].get("ckpt_path"):
             self.config[subcommand]["model"]["pretrained"] = None
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The configured Trainer; with ``sync_batchnorm`` and no LayerSync plugin of the user's, BatchNorm
+        is synchronised by ``SyncBatchNormOnAnyDevice`` (any device), not Lightning's (accelerators only)."""
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if config.get("sync_batchnorm") and not any(isinstance(p, LayerSync) for p in plugins):
+            kwargs["plugins"] = [*plugins, SyncBatchNormOnAnyDevice()]
+        return super().instantiate_trainer(**kwargs)
 
     def _class_info(self, key: str, datamodule: Any) -> Any:
         """``datamodule.<key>``, or the checkpoint's when the datamodule has no annotation file."""
