@@ -1,15 +1,60 @@
-"""Helpers of the tests that launch real distributed runs: free ports, launching processes that are killed
-when they hang, and the comparison of the weights that two fits end with."""
+"""Helpers of the tests that launch real distributed runs: a checkpoint whose detections score, free ports,
+launching processes that are killed when they hang, and the comparison of the weights two fits end with."""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import signal
 import socket
 import subprocess
 from pathlib import Path
 
+import lightning
 import torch
+from torch import nn
+
+from sta_lightning.training import DetectionModule
+
+
+def write_scoring_checkpoint(path: Path) -> Path:
+    """Save at ``path`` a checkpoint of an untrained 5-class detector (one STA block) whose boxes and scores
+    vary enough to overlap some of the demo shapes (nonzero metrics, target scores above 1): He-initialised
+    convolutions (the stock initialisation outputs little more than the head biases), box logits damped and
+    biased towards short side distances (boxes of about 4 strides)."""
+    torch.manual_seed(0)
+    module = DetectionModule(num_classes=5, sta=[{"layer": 8, "stoken_size": [1, 1], "num_heads": 2}])
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, nn.Conv2d) and layer.weight.requires_grad:
+                nn.init.kaiming_normal_(layer.weight)
+        for branch in module.model.head.box_branches:
+            branch[-1].weight.mul_(0.1)
+            branch[-1].bias.copy_((-0.7 * torch.arange(16.0)).repeat(4))
+    checkpoint = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "pytorch-lightning_version": lightning.__version__,
+    }
+    torch.save(checkpoint, path)
+    return path
+
+
+def read_metrics(save_dir: Path) -> dict[str, float]:
+    """The ``val/`` metrics of the last row that has them in the one metrics.csv of a CSVLogger under
+    ``save_dir``."""
+    (metrics_file,) = save_dir.rglob("metrics.csv")
+    with open(metrics_file) as file:
+        rows = [row for row in csv.DictReader(file) if row.get("val/mAP")]
+    return {key: float(value) for key, value in rows[-1].items() if key.startswith("val/")}
+
+
+def logger_arg(save_dir: Path) -> str:
+    """The CLI argument of a CSVLogger writing under ``save_dir``."""
+    return "--trainer.logger=" + json.dumps(
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(save_dir)}}
+    )
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from distributed_helpers import free_port
 from torch import nn
 
-from sta_lightning.nn.sync_batchnorm import SyncBatchNorm, convert_to_sync_batchnorm
+from sta_lightning.nn.sync_batchnorm import SyncBatchNorm, convert_to_batchnorm, convert_to_sync_batchnorm
 
 CHANNELS = 6
 SPLIT = (3, 5)  # images per rank: unequal, so that the element counts must be summed, not assumed equal
@@ -100,6 +100,8 @@ def test_without_process_group_it_is_the_batchnorm_it_replaced():
     assert (converted[1].eps, converted[1].momentum) == (1e-3, 0.03)
     x = torch.randn(4, 3, 5, 5)
     torch.testing.assert_close(converted(x), reference(x), rtol=0, atol=0)
-    torch.testing.assert_close(
-        plain[1].running_var, reference[1].running_var, rtol=0, atol=0
-    )  # shared buffers
+    # The buffers are shared: the converted layer's update is the original's.
+    torch.testing.assert_close(plain[1].running_var, reference[1].running_var, rtol=0, atol=0)
+    reverted = convert_to_batchnorm(converted)
+    assert type(reverted[1]) is nn.BatchNorm2d and reverted[1].running_var is plain[1].running_var
+    assert str(reverted) == str(reference)
