@@ -2,10 +2,11 @@
 
 ``torch.nn.SyncBatchNorm`` computes the statistics with fused kernels that exist only for accelerators
 (CUDA, XPU, HPU, ...): on CPU tensors it raises ``SyncBatchNorm expected input tensor to be on GPU``, and
-DDP refuses CPU modules that contain it. ``SyncBatchNorm`` here computes them with autograd-aware
-all-reduces, which work under any backend (gloo on CPU included), so that 2 processes of batch 4 normalise,
-backpropagate and update their running statistics as 1 process of batch 8 does. In eval mode, or outside a
-process group of more than one process, it is the plain BatchNorm.
+DDP refuses CPU modules that contain it (a torch SyncBatchNorm subclass included). ``SyncBatchNorm`` here
+computes them with plain all-reduces, which work under any backend (gloo on CPU included): two in the forward
+(sums, then squared deviations), one in the backward (BatchNorm's analytic gradient), so that 2 processes of
+batch 4 normalise, backpropagate and update their running statistics as 1 process of batch 8 does. In eval
+mode, or outside a process group of more than one process, it is the plain BatchNorm.
 """
 
 from __future__ import annotations
