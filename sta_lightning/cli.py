@@ -11,7 +11,9 @@ Beyond Lightning's own CLI it adds:
 - the resolved config saved as ``config.yaml`` in the log dir and copied into W&B runs;
 - ``model.pretrained`` is ignored when ``--ckpt_path`` is given (the checkpoint holds the weights);
 - the classes (``num_classes``, ``class_names``, ``category_ids``) linked from the datamodule to the model;
-  when the datamodule has no annotation file (``predict`` on bare images) they come from ``--ckpt_path``.
+  when the datamodule has no annotation file (``predict`` on bare images) they come from ``--ckpt_path``;
+- ``--trainer.sync_batchnorm=true`` synchronises BatchNorm on CPU processes (gloo) too
+  (``SyncBatchNormOnAnyDevice``; Lightning's own plugin raises on CPU tensors).
 A checkpoint also carries the model's hyperparameters, which LightningCLI reads back from ``--ckpt_path``, so
 ``validate|test|predict --ckpt_path X`` needs only the data arguments.
 """
@@ -25,6 +27,7 @@ from typing import Any
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.plugins.layer_sync import LayerSync
 
 from sta_lightning.callbacks.prediction_writer import PredictionWriter
 from sta_lightning.callbacks.save_config import WandbSaveConfigCallback
@@ -33,6 +36,7 @@ from sta_lightning.data import COCODataModule
 from sta_lightning.training import DetectionModule
 from sta_lightning.training.checkpoint_io import LocalAtomicCheckpointIO
 from sta_lightning.training.checkpointing import ResumableModelCheckpoint
+from sta_lightning.training.layer_sync import SyncBatchNormOnAnyDevice
 
 CLASS_KEYS = ("num_classes", "class_names", "category_ids")
 CHECKPOINT_DEFAULTS = {
@@ -74,11 +78,16 @@ class STALightningCLI(LightningCLI):
             self.config[subcommand]["model"]["pretrained"] = None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The Trainer, with ``LocalAtomicCheckpointIO`` unless the config names another CheckpointIO."""
-        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        """The configured Trainer, with the project's plugins where the config names none of their kind:
+        ``LocalAtomicCheckpointIO`` (checkpoints written atomically) and, with ``sync_batchnorm``,
+        ``SyncBatchNormOnAnyDevice`` (Lightning's own synchronises BatchNorm on accelerators only)."""
+        config = self._get(self.config_init, "trainer", default={})
+        plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             plugins.append(LocalAtomicCheckpointIO())
+        if config.get("sync_batchnorm") and not any(isinstance(plugin, LayerSync) for plugin in plugins):
+            plugins.append(SyncBatchNormOnAnyDevice())
         return super().instantiate_trainer(plugins=plugins, **kwargs)
 
     def _class_info(self, key: str, datamodule: Any) -> Any:

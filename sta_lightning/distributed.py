@@ -1,10 +1,12 @@
-"""Collecting per-rank results on global rank 0 under torch.distributed (DDP), or as they are without it."""
+"""Collecting per-rank results under torch.distributed (DDP): on global rank 0 (objects) or on every rank
+(sums of tensors); as they are without a process group."""
 
 from __future__ import annotations
 
 from typing import TypeVar
 
 import torch.distributed as dist
+from torch import Tensor
 
 T = TypeVar("T")
 
@@ -23,3 +25,13 @@ def gather_on_rank_zero(items: list[T]) -> list[T] | None:
     gathered: list[list[T] | None] | None = [None] * dist.get_world_size() if rank_zero else None
     dist.gather_object(items, gathered, dst=0)
     return [item for rank_items in gathered for item in rank_items] if rank_zero else None
+
+
+def sum_over_processes(values: Tensor) -> Tensor:
+    """The element-wise sum of ``values`` over all processes, on every process (a detached copy; ``values``
+    itself is left alone); ``values`` detached without a process group. Collective: every rank must call it
+    with the same shape."""
+    total = values.detach().clone()
+    if is_distributed():
+        dist.all_reduce(total)
+    return total

@@ -2,12 +2,12 @@
 
 import json
 import pickle
-import socket
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from distributed_helpers import free_port
 from test_metrics import SYNTHETIC_CATEGORY_IDS, per_image_tensors, update_in_batches, write_synthetic_coco
 from torch.utils.data import DistributedSampler
 
@@ -29,12 +29,6 @@ def sampler_shares(image_ids: list[int]) -> list[list[int]]:
         ]
         for rank in range(WORLD_SIZE)
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(rank, port, annotation_file, shares, tensors, out_dir):

@@ -1,6 +1,5 @@
 """``validate`` and ``predict`` on 2 CPU processes (DDP, gloo) give the results of 1 process."""
 
-import csv
 import json
 import os
 import subprocess
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from detector_checkpoint import write_scoring_checkpoint
+from distributed_helpers import logger_arg, read_metrics
 
 from sta_lightning.cli import main
 from sta_lightning.data import DemoDataModule
@@ -30,23 +30,11 @@ def data_args(root: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A checkpoint of an untrained detector with nonzero metrics on the demo shapes."""
+    """A detector checkpoint whose detections score (``write_scoring_checkpoint``) beside a demo dataset of 4
+    training and NUM_VAL validation images."""
     root = tmp_path_factory.mktemp("ddp")
     DemoDataModule(root=str(root / "demo"), num_train=4, num_val=NUM_VAL).prepare_data()
     return write_scoring_checkpoint(root / "model.ckpt")
-
-
-def read_metrics(save_dir: Path) -> dict[str, float]:
-    (metrics_file,) = save_dir.rglob("metrics.csv")
-    with open(metrics_file) as file:
-        (row,) = list(csv.DictReader(file))
-    return {key: float(value) for key, value in row.items() if key.startswith("val/")}
-
-
-def logger_arg(save_dir: Path) -> str:
-    return "--trainer.logger=" + json.dumps(
-        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(save_dir)}}
-    )
 
 
 def test_two_process_validation_equals_one_process(checkpoint):

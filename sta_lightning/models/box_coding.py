@@ -24,7 +24,7 @@ def make_anchors(
         xs = torch.arange(width, dtype=torch.float32) + offset
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
         points.append(torch.stack((grid_x, grid_y), -1).view(-1, 2))
-        stride_per_anchor.append(torch.full((height * width, 1), float(stride)))
+        stride_per_anchor.append(torch.full((height * width, 1), float(stride), dtype=torch.float32))
     return torch.cat(points), torch.cat(stride_per_anchor)
 
 

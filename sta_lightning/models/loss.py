@@ -1,9 +1,11 @@
 """The YOLOv8 detection loss: task-aligned assignment, BCE classification, CIoU box and DFL terms."""
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sta_lightning.distributed import is_distributed, sum_over_processes
 from sta_lightning.models.assigner import TaskAlignedAssigner, complete_iou
 from sta_lightning.models.box_coding import dfl_expectation, ltrb_to_xyxy, make_anchors, xyxy_to_ltrb
 
@@ -61,6 +63,18 @@ class YOLOv8Loss(nn.Module):
     dfl) per-batch values, ``total`` = their sum with gradient times the batch size (what the reference
     backpropagates). The box and DFL terms are in grid units, summed over foreground anchors weighted by the
     target score; all three terms are divided by max(sum of target scores, 1).
+
+    ``all_processes=True`` (collective under DDP: every process must call it) makes the losses of a batch
+    split over W processes sum to the loss of the whole batch. Process r holds B_r images with gain-weighted
+    loss sums L_r and target-score sum S_r; one process given all of them computes ``total = B L / S`` with
+    B = sum B_r, L = sum L_r, S = max(sum S_r, 1), and backpropagates g = (B / S) sum grad L_r. Here S and B
+    are all-reduced (no gradient: the target scores come from detached predictions) and process r returns
+    ``total_r = B L_r / S``. DDP averages the W gradients and the training step multiplies the loss by W, so
+    the gradient applied is sum_r grad total_r = g, exactly (with BatchNorm synchronised, L_r is what one
+    process computes for those images). The reference normalises per process (``total_r = B_r L_r / S_r``),
+    which equals g only when every S_r = S B_r / B. The ``items`` of process r are W L_r / S, so their mean
+    over the processes (what a logger with ``sync_dist`` shows) is the whole batch's. Without a process group
+    of more than one process the flag changes nothing.
     """
 
     def __init__(
@@ -83,7 +97,9 @@ class YOLOv8Loss(nn.Module):
         self.gains = (box_gain, cls_gain, dfl_gain)
         self.assigner = TaskAlignedAssigner(num_classes, topk, alpha, beta, min_box_side=min_box_side)
 
-    def forward(self, preds: list[Tensor], targets: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, preds: list[Tensor], targets: dict[str, Tensor], all_processes: bool = False
+    ) -> tuple[Tensor, Tensor]:
         if len(preds) != len(self.strides):
             raise ValueError(f"YOLOv8Loss: {len(preds)} prediction maps for {len(self.strides)} strides")
         expected_channels = 4 * self.reg_max + self.num_classes
@@ -99,8 +115,10 @@ class YOLOv8Loss(nn.Module):
             )
         batch_size = preds[0].shape[0]
         device = preds[0].device
-        # (B, N, 4 * reg_max) and (B, N, C), contiguous, in float32 whatever the autocast dtype of the head.
-        flat = torch.cat([p.flatten(2) for p in preds], 2).float()
+        # (B, N, 4 * reg_max) and (B, N, C), contiguous, in float32 whatever the autocast dtype of the head
+        # (float64 stays float64).
+        flat = torch.cat([p.flatten(2) for p in preds], 2)
+        flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
         dist_logits, cls_logits = (
             part.transpose(1, 2).contiguous() for part in flat.split((4 * self.reg_max, self.num_classes), 1)
         )
@@ -108,14 +126,14 @@ class YOLOv8Loss(nn.Module):
 
         points, stride = make_anchors([p.shape[-2:] for p in preds], self.strides)
         points, stride = points.to(device), stride.to(device)
-        bins = torch.arange(self.reg_max, dtype=torch.float32, device=device)
+        bins = torch.arange(self.reg_max, dtype=flat.dtype, device=device)
         dist_logits = dist_logits.reshape(batch_size, num_anchors, 4, self.reg_max)
         pred_boxes = ltrb_to_xyxy(dfl_expectation(dist_logits, bins), points)  # (B, N, 4) grid units
 
         gt_labels, gt_boxes, gt_mask = pad_targets(
             targets["batch_idx"].to(device),
             targets["cls"].to(device),
-            targets["bboxes"].to(device, torch.float32),
+            targets["bboxes"].to(device, flat.dtype),
             batch_size,
         )
         assignment = self.assigner(
@@ -126,7 +144,15 @@ class YOLOv8Loss(nn.Module):
             gt_boxes,
             gt_mask,
         )
-        target_scores_sum = assignment.scores.sum().clamp(min=1)
+        target_scores_sum = assignment.scores.sum()
+        total_batch_size, process_count = batch_size, 1
+        if all_processes and is_distributed():
+            sums = sum_over_processes(
+                torch.stack([target_scores_sum, target_scores_sum.new_tensor(batch_size)])
+            )
+            target_scores_sum, total_batch_size = sums[0], sums[1]
+            process_count = dist.get_world_size()
+        target_scores_sum = target_scores_sum.clamp(min=1)
         cls_loss = F.binary_cross_entropy_with_logits(cls_logits, assignment.scores, reduction="none").sum()
 
         foreground = assignment.foreground
@@ -139,4 +165,4 @@ class YOLOv8Loss(nn.Module):
 
         gains = torch.tensor(self.gains, device=device)
         items = torch.stack((box_loss, cls_loss, dfl_loss)) / target_scores_sum * gains
-        return items.sum() * batch_size, items.detach()
+        return items.sum() * total_batch_size, items.detach() * process_count

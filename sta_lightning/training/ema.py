@@ -58,6 +58,11 @@ class ModelEMA(WeightAveraging):
             # averages from the initial weights at update 1, so the counter starts at 1 and holds updates + 1.
             self._average_model.n_averaged.fill_(1)
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The precision plugin converts the module (e.g. precision "64-true") after setup made the copy.
+        if self._average_model is not None:
+            self._average_model.to(dtype=pl_module.dtype)
+
     def _average(self, averaged: list[Tensor], current: list[Tensor], n_averaged: Tensor) -> None:
         """AveragedModel's multi_avg_fn: called once per (device, dtype) group with n_averaged = updates."""
         if not averaged[0].is_floating_point():

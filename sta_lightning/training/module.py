@@ -2,8 +2,9 @@
 
 Training reproduces the reference YOLOv8 recipe with manual optimization, because the number of accumulated
 batches ramps up during warmup (which Lightning's fixed ``accumulate_grad_batches`` cannot do): the loss is
-the per-batch loss times the batch size (times the world size under DDP, which averages gradients),
-gradients are summed until ``accumulate`` iterations have passed since the last step (the count runs across
+the per-batch loss times the batch size (under DDP each process's share of the loss of all processes' batches,
+times the world size because DDP averages gradients: see ``YOLOv8Loss(all_processes=True)``), gradients are
+summed until ``accumulate`` iterations have passed since the last step (the count runs across
 epochs), clipped to norm 10, and every optimizer step is followed by an EMA update (``ModelEMA``, added by
 ``configure_callbacks``). Validation and checkpoints use the EMA weights. Steps with a non-finite loss or
 gradients are skipped (``sta_lightning.training.nonfinite``).
@@ -325,7 +326,7 @@ class DetectionModule(L.LightningModule):
 
         predictions = self.model(self.model_input(batch["images"]))
         targets = {key: batch[key] for key in ("batch_idx", "cls", "bboxes")}
-        total, items = self.loss(predictions, targets)
+        total, items = self.loss(predictions, targets, all_processes=True)
         where = (iteration, self.current_epoch, self.trainer.global_step)
         # Every rank must agree: backward is collective under DDP.
         if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(total)), all=True):
