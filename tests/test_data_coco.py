@@ -176,7 +176,8 @@ def test_bad_boxes_are_dropped_or_clipped_with_one_warning(source, tmp_path):
     ("damage", "error", "expected"),
     [
         (lambda d: "{not json", AnnotationError, "not valid JSON"),
-        (lambda d: {k: v for k, v in d.items() if k != "annotations"}, AnnotationError, "'annotations'"),
+        (lambda d: {k: v for k, v in d.items() if k != "images"}, AnnotationError, "'images'"),
+        (lambda d: {**d, "annotations": {}}, AnnotationError, "top-level 'annotations' must be a list"),
         (lambda d: {**d, "categories": {}}, AnnotationError, "top-level 'categories' must be a list"),
         (lambda d: d["images"][1].update(width="640") or d, AnnotationError, "images[1] field 'width'"),
         (

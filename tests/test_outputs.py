@@ -97,7 +97,7 @@ def test_predict_with_an_annotation_file_writes_its_image_ids(demo, tmp_path):
     listing = json.loads(demo["val_annotations"].read_text())
     for image in listing["images"]:
         image["id"] = 1000 + 7 * image["id"]  # ids unlike running indices
-    listing["annotations"] = []  # a test-dev style image list
+    del listing["annotations"]  # an image info file, as COCO's test-dev list
     listing["images"].append({"id": 5, "file_name": "absent.jpg", "height": 300, "width": 400})
     listing_file = tmp_path / "to_predict.json"
     listing_file.write_text(json.dumps(listing))

@@ -79,7 +79,10 @@ def _require(path: Path, where: str, record: object, key: str, check, expected: 
 
 
 def load_annotation_json(path: str | Path) -> dict:
-    """Read an instances json; errors name the file (missing file, invalid JSON, missing top-level list)."""
+    """Read an instances json; errors name the file (missing file, invalid JSON, missing top-level list).
+
+    A file without an ``annotations`` list (an image info file, such as COCO's test-dev list, that names the
+    images to predict) reads as one with no objects."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"COCO annotation file not found: {path}")
@@ -90,6 +93,7 @@ def load_annotation_json(path: str | Path) -> dict:
         raise AnnotationError(f"{path}: not valid JSON ({error})") from error
     if not isinstance(data, dict):
         raise AnnotationError(f"{path}: expected a JSON object with 'images', 'annotations' and 'categories'")
+    data.setdefault("annotations", [])
     for key in ("images", "annotations", "categories"):
         if key not in data:
             raise AnnotationError(f"{path}: missing the top-level '{key}' list")

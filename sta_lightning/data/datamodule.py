@@ -195,6 +195,12 @@ class COCODataModule(L.LightningDataModule):
                 f"the first annotation file given {list(expected_names)}; plots and tables use the latter",
                 category=DataWarning,
             )
+        if not len(index.boxes):
+            rank_zero_warn(
+                f"{annotations}: no object is annotated, so '{stage}' has nothing to learn from or to score "
+                "(an image info file names images to predict: give it as predict_annotations)",
+                category=DataWarning,
+            )
         if split != "train":
             return CocoDetectionDataset(index, self.image_size)
         augmentation = TrainAugmentation(self.image_size, **self.augmentation_args)
