@@ -89,6 +89,17 @@ def run(command: list[str], cwd: Path, killed: bool = False, env: dict | None = 
     assert finished.returncode == expected, finished.stderr[-4000:]
 
 
+def kill_leftovers(folder: Path) -> None:
+    """SIGKILL every process still working in ``folder``, such as the W&B service of a killed fit, which runs
+    in a session of its own (on a cluster, the scheduler ends every process of a job)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and Path(os.readlink(proc / "cwd")).is_relative_to(folder):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+
+
 def callback(name: str, **init_args) -> str:
     injected = {"class_path": f"fault_injection.{name}", "init_args": init_args}
     return "--trainer.callbacks+=" + json.dumps(injected)
@@ -178,6 +189,7 @@ def test_slurm_requeue_resumes_at_the_next_batch_and_continues_the_wandb_run(
     }
     command = fit_command(demo_root, tmp_path / "run", wandb=True)
     run([*command, callback("SignalAt", epoch=2, batch=1)], cwd=tmp_path / "run", killed=True, env=slurm)
+    kill_leftovers(tmp_path / "run")
     assert (tmp_path / "requeue.log").read_text().split() == ["requeue", "4242"]
     hpc = torch.load(tmp_path / "run" / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=True)
     assert hpc["epoch"] == 2

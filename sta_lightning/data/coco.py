@@ -78,11 +78,11 @@ def _require(path: Path, where: str, record: object, key: str, check, expected: 
     return value
 
 
-def load_annotation_json(path: str | Path) -> dict:
+def load_annotation_json(path: str | Path, annotations_required: bool = True) -> dict:
     """Read an instances json; errors name the file (missing file, invalid JSON, missing top-level list).
 
-    A file without an ``annotations`` list (an image info file, such as COCO's test-dev list, that names the
-    images to predict) reads as one with no objects."""
+    With ``annotations_required=False`` a file without an ``annotations`` list (an image info file, such as
+    COCO's test-dev list, that names the images to predict) reads as one with no objects."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"COCO annotation file not found: {path}")
@@ -93,7 +93,8 @@ def load_annotation_json(path: str | Path) -> dict:
         raise AnnotationError(f"{path}: not valid JSON ({error})") from error
     if not isinstance(data, dict):
         raise AnnotationError(f"{path}: expected a JSON object with 'images', 'annotations' and 'categories'")
-    data.setdefault("annotations", [])
+    if not annotations_required:
+        data.setdefault("annotations", [])
     for key in ("images", "annotations", "categories"):
         if key not in data:
             raise AnnotationError(f"{path}: missing the top-level '{key}' list")
@@ -121,7 +122,7 @@ def parse_categories(path: str | Path, data: dict) -> tuple[tuple[int, ...], tup
 
 def read_categories(path: str | Path) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """The category ids (sorted) and names of an annotation file."""
-    return parse_categories(path, load_annotation_json(path))
+    return parse_categories(path, load_annotation_json(path, annotations_required=False))
 
 
 @dataclass
@@ -205,7 +206,7 @@ def load_coco_index(annotation_file: str | Path, image_dir: str | Path, scan_wor
 
 
 def _build_index(annotation_file: Path, image_dir: Path, scan_workers: int) -> CocoIndex:
-    data = load_annotation_json(annotation_file)
+    data = load_annotation_json(annotation_file, annotations_required=False)  # image info files too
     category_ids, class_names = parse_categories(annotation_file, data)
     class_of = {category_id: k for k, category_id in enumerate(category_ids)}
 
