@@ -71,6 +71,25 @@ def test_ranks_share_the_one_process_batches(demo_root):
     assert got == expected
 
 
+def test_persistent_workers_follow_the_epoch_and_the_mosaic_switch(demo_root):
+    # One loader for three epochs of a 3-epoch fit with close_mosaic 1: its two workers are started once and
+    # still draw each epoch's samples (mosaic off in the last one) as a fresh in-process loader does.
+    dm = _train_data(demo_root, num_workers=2, batch_size=8, close_mosaic=1)
+    reference = _train_data(demo_root, num_workers=0, batch_size=8, close_mosaic=1)
+    loader = dm.training_loader(0)
+    workers = None
+    for epoch in range(3):
+        dm.set_epoch(epoch, 3)
+        loader.sampler.set_epoch(epoch)
+        batches = list(loader)
+        pids = [worker.pid for worker in loader._iterator._workers]
+        assert workers in (None, pids)  # the same processes every epoch
+        workers = pids
+        reference.set_epoch(epoch, 3)
+        assert _equal(batches, list(reference.training_loader(epoch)))
+    assert not dm.datasets["train"].mosaic_enabled
+
+
 def test_close_mosaic_leaves_the_letterboxed_image(demo_root):
     # With every random geometric and colour step neutralised, a sample without mosaic is the plain letterbox.
     dm = _train_data(

@@ -6,9 +6,9 @@ index) (``sample_seed``), where seed is the ``seed_everything`` seed (0 without 
 from torch's global generator, a worker or a rank: the data of a fit is the same with any worker count, and
 with N DDP processes of batch b each optimizer step sees the images that one process of batch N x b sees.
 The training loader is torchdata's ``StatefulDataLoader``, whose position Lightning saves in checkpoints,
-so a fit resumed from a mid-epoch checkpoint continues at the next batch. Workers are not persistent:
-``set_epoch`` changes the dataset in the main process (epoch, mosaic off for the last ``close_mosaic``
-epochs), and only workers forked afresh for each epoch see that change.
+so a fit resumed from a mid-epoch checkpoint continues at the next batch. Workers are persistent (kept from
+one epoch and one validation to the next): ``set_epoch`` writes the epoch and the mosaic switch (off for the
+last ``close_mosaic`` epochs) into shared memory that the workers read for every sample.
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ class COCODataModule(L.LightningDataModule):
         hsv_h, hsv_s, hsv_v: colour jitter of hue (fraction of a turn), saturation and value (factor ranges).
         fliplr: horizontal flip probability.
         pin_memory: pin batches in page-locked memory (for GPU training).
+        persistent_workers: keep the DataLoader workers from one epoch (and validation) to the next instead of
+            starting them anew (with num_workers > 0).
 
     Category ids of any range (COCO's 1..90 with gaps) map to class indices 0..K-1 in sorted id order;
     ``num_classes``, ``class_names`` and ``category_ids`` are read from the val (else train, else test)
@@ -90,6 +92,7 @@ class COCODataModule(L.LightningDataModule):
         hsv_v: float = 0.4,
         fliplr: float = 0.5,
         pin_memory: bool = False,
+        persistent_workers: bool = True,
     ) -> None:
         super().__init__()
         if image_size <= 0 or image_size % 32:
@@ -124,6 +127,7 @@ class COCODataModule(L.LightningDataModule):
             fliplr=fliplr,
         )
         self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
         self.datasets: dict[str, CocoDetectionDataset | ImageFolderDataset] = {}
         self._categories = self._read_categories()
 
@@ -271,7 +275,7 @@ class COCODataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             collate_fn=collate_detection,
-            persistent_workers=False,  # set_epoch must reach freshly forked workers every epoch
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
             pin_memory=self.pin_memory,
             # Worker seeds come from this generator instead of torch's global one, whose draws belong to the
             # model (drop path) and are restored on resume.

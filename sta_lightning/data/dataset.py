@@ -29,7 +29,8 @@ class CocoDetectionDataset(Dataset):
     """Images and targets of a CocoIndex at input size S: letterboxed, or augmented by ``augmentation``.
 
     ``mosaic`` is the probability of a 4-image mosaic for a training sample; ``mosaic_enabled`` (set through
-    the datamodule's ``set_epoch``) switches it off for the last epochs.
+    the datamodule's ``set_epoch``) switches it off for the last epochs. ``epoch`` and ``mosaic_enabled`` live
+    in shared memory, so persistent DataLoader workers read what the main process sets.
 
     The random draws of training sample i (mosaic or not, its partners, the whole augmentation) are a
     function of (``seed``, ``epoch``, i) alone: the same on any process, in any DataLoader worker, whatever
@@ -47,12 +48,27 @@ class CocoDetectionDataset(Dataset):
         self.image_size = image_size
         self.augmentation = augmentation
         self.mosaic = mosaic
-        self.mosaic_enabled = True
         self.seed = 0  # base seed of the training augmentation
-        self.epoch = 0
+        self._epoch_state = torch.tensor([0, 1], dtype=torch.int64).share_memory_()  # epoch, mosaic on
 
     def __len__(self) -> int:
         return len(self.index)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch_state[0])
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self._epoch_state[0] = epoch
+
+    @property
+    def mosaic_enabled(self) -> bool:
+        return bool(self._epoch_state[1])
+
+    @mosaic_enabled.setter
+    def mosaic_enabled(self, enabled: bool) -> None:
+        self._epoch_state[1] = int(enabled)
 
     def load_resized(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         """Image i resized to long side S, its boxes (n, 4) in resized pixels, labels (n,), and the ratio."""
