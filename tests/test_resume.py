@@ -10,12 +10,12 @@ import csv
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from distributed_helpers import run_together
 
 from sta_lightning.data import DemoDataModule
 
@@ -82,9 +82,7 @@ def run(command: list[str], cwd: Path, killed: bool = False, env: dict | None = 
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), environment.get("PYTHONPATH")]))
     cwd.mkdir(parents=True, exist_ok=True)
-    finished = subprocess.run(
-        command, cwd=cwd, env=environment, start_new_session=True, capture_output=True, text=True, timeout=900
-    )
+    (finished,) = run_together([command], cwd, [environment], timeout=900)
     expected = -signal.SIGKILL if killed else 0
     assert finished.returncode == expected, finished.stderr[-4000:]
 

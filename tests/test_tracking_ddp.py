@@ -4,13 +4,12 @@ config in it."""
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import yaml
+from distributed_helpers import run_together
 
 from sta_lightning.data import DemoDataModule
 
@@ -102,22 +101,10 @@ def test_two_process_ddp_fit_and_validate_log_one_run(tmp_path):
     script.write_text(textwrap.dedent(SCRIPT))
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     # Own process group, so that a hang kills both ranks (rank 1 is rank 0's child).
-    process = subprocess.Popen(
-        [sys.executable, str(script), str(config_file), str(tmp_path)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        raise AssertionError("the DDP run hung (a collective on one rank only?)\n" + stderr[-5000:]) from None
-    assert process.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    command = [sys.executable, str(script), str(config_file), str(tmp_path)]
+    (finished,) = run_together([command], tmp_path, [env], timeout=300)
+    stdout, stderr = finished.stdout, finished.stderr
+    assert finished.returncode == 0, stdout[-3000:] + stderr[-5000:]
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
 
