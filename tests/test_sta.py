@@ -120,10 +120,14 @@ def test_matches_dense_reference_forward_and_gradients(b, c, h, w, stoken, n_ite
         torch.testing.assert_close(p.grad, params[name].grad, rtol=0, atol=1e-10, msg=name)
 
 
-def test_auto_layout_is_rows_in_eager_cpu_runs_and_cells_elsewhere():
+def test_auto_layout_is_rows_in_eager_float32_cpu_runs_and_cells_elsewhere():
     module = StokenAttention(16, (4, 4), num_heads=2)
     assert module.uses_rows(torch.empty(1, 16, 8, 8))
+    assert module.uses_rows(torch.empty(1, 16, 8, 8, dtype=torch.float64))
     assert not module.uses_rows(torch.empty(1, 16, 8, 8, device="meta"))  # any other device: cells
+    assert not module.uses_rows(torch.empty(1, 16, 8, 8, dtype=torch.bfloat16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not module.uses_rows(torch.empty(1, 16, 8, 8))
     cells = StokenAttention(16, (4, 4), num_heads=2, pixel_layout="cells")
     assert not cells.uses_rows(torch.empty(1, 16, 8, 8))
     with pytest.raises(ValueError, match="pixel_layout"):

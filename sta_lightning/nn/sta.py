@@ -92,6 +92,12 @@ def _run(function: type[torch.autograd.Function], forward: Callable[..., Any], *
 PIXEL_LAYOUTS = ("auto", "rows", "cells")
 
 
+def _work_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the pixel-level products: autocast's where it is on for x's device, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class StokenAttention(nn.Module):
     """Super Token Attention on (B, C, H, W) maps of any size, returning (B, C, H, W).
 
@@ -104,12 +110,14 @@ class StokenAttention(nn.Module):
     which also hold the fixed ``unfold.weights``/``fold.weights`` banks, load with ``strict=True``.
 
     ``pixel_layout`` picks how the pixel-level work runs (``sta_lightning.nn.sta_pixels``; the same function):
-    ``"rows"`` (no copies of the map; eager CPU), ``"cells"`` (one pass over a per-cell copy; GPUs,
-    ``torch.compile``, ``torch.export``, tracing) or ``"auto"``: rows in eager CPU runs, cells otherwise.
-    Precision: in the cells layout the pixel-level products run in the input's dtype, or in the autocast dtype
-    where autocast is on for the input's device (float16/bfloat16 matrix units); the softmax, the affinity
-    sums, the 1e-12 eps and the super tokens stay in >= float32 (in float16 the official eps would be 0). The
-    rows layout (CPU) runs all of it in >= float32.
+    ``"rows"`` (no copies of the map), ``"cells"`` (one pass over a per-cell copy) or ``"auto"``: rows for
+    eager float32/float64 work on CPU, cells otherwise (GPUs, ``torch.compile``, ``torch.export``, tracing,
+    float16/bfloat16 or autocast), so an exported or compiled module computes what its eager run on the same
+    device and dtype does when that is half precision, and equals it to rounding in float32.
+    Precision: the pixel-level products run in the input's dtype, or in the autocast dtype where autocast is
+    on for the input's device (float16/bfloat16 matrix units); the softmax, the affinity sums, the 1e-12 eps
+    and the super tokens stay in >= float32 (in float16 the official eps would be 0). A forced rows layout
+    runs everything in >= float32 and returns the input's dtype.
     """
 
     def __init__(
@@ -157,7 +165,8 @@ class StokenAttention(nn.Module):
         """Whether a forward on ``x`` runs in the rows layout (see the class docstring)."""
         if self.pixel_layout != "auto":
             return self.pixel_layout == "rows"
-        return x.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+        eager_cpu = x.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+        return eager_cpu and _work_dtype(x) in (torch.float32, torch.float64)
 
     def _stoken_forward(
         self, x: Tensor, return_association: bool
@@ -169,7 +178,7 @@ class StokenAttention(nn.Module):
             x = F.pad(x, (0, pad_right, 0, pad_bottom))
         grid = (x.shape[-2] // h, x.shape[-1] // w)
         device = x.device.type
-        rows = self.uses_rows(x)
+        rows = self.uses_rows(x)  # before autocast is switched off: it depends on autocast
         with torch.autocast(device, enabled=False):
             if rows:
                 tokens, affinity, _ = sta_pixels.RowPool.apply(x, self.n_iter, self.scale, self.stoken_size)
