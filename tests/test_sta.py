@@ -275,20 +275,24 @@ def test_bfloat16_module_keeps_bfloat16_and_stays_close_to_float32(layout):
     assert (x_half.grad.float() - reference_grad).abs().max() <= 4e-2 * reference_grad.abs().max()
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_torch_compile_fullgraph_matches_eager(autocast):
+    """Compiled (the cells layout, as on GPUs) against eager, forward and backward, in float32 and under
+    bfloat16 autocast (the products in bfloat16 both ways)."""
     torch.manual_seed(0)
-    module = StokenAttention(16, (4, 4), n_iter=2, num_heads=2, qkv_bias=True)
+    module = StokenAttention(16, (4, 4), n_iter=2, num_heads=2, qkv_bias=True, pixel_layout="cells")
     compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
     x = torch.randn(1, 16, 10, 13, requires_grad=True)
-    out, association = compiled(x, return_association=True)
-    out.sum().backward()
-    grad = x.grad.clone()
-    x.grad = None
-    expected, expected_association = module(x, return_association=True)
-    expected.sum().backward()
-    torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(association.weights, expected_association.weights)
-    torch.testing.assert_close(grad, x.grad)
+    results = []
+    for run in (compiled, module):
+        with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+            out, association = run(x, return_association=True)
+        out.float().sum().backward()
+        results.append((out, association.weights, x.grad))
+        x.grad = None
+    assert results[0][0].dtype == (autocast or torch.float32)
+    for name, actual, expected in zip(("out", "association", "x.grad"), *results, strict=True):
+        torch.testing.assert_close(actual, expected, msg=name)
 
 
 def test_inductor_compile_and_torch_export_match_eager():

@@ -178,12 +178,12 @@ class StokenAttention(nn.Module):
             x = F.pad(x, (0, pad_right, 0, pad_bottom))
         grid = (x.shape[-2] // h, x.shape[-1] // w)
         device = x.device.type
-        rows = self.uses_rows(x)  # before autocast is switched off: it depends on autocast
+        # both depend on autocast: decided before the pixel-level work switches it off
+        rows, dtype = self.uses_rows(x), _work_dtype(x)
         with torch.autocast(device, enabled=False):
             if rows:
                 tokens, affinity, _ = sta_pixels.RowPool.apply(x, self.n_iter, self.scale, self.stoken_size)
             else:
-                dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
                 tokens, affinity, _ = _run(
                     sta_pixels.CellPool,
                     sta_pixels.cell_pool,
