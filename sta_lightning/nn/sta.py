@@ -1,11 +1,10 @@
 """Super Token Attention (Huang et al., "Vision Transformer with Super Token Sampling", CVPR 2023).
 
 Computes the same function as the official ``StokenAttention`` (forward and gradients), with the same
-learnable parameters, but with a layout chosen for speed: the pixel-level products (association, pooling
-into super tokens, mapping back) run over cache-sized chunks of cell rows with the pixels of each
-super-token cell grouped together (M = number of cells, P = pixels per cell), the 3x3 neighbourhood of the
-super-token map is gathered as an unfold view of the padded map and scattered back with ``F.fold`` (an
-adjoint autograd pair), and the refine MHSA runs through ``F.scaled_dot_product_attention``.
+learnable parameters, but laid out for speed: the pixel-level work (association, pooling into super tokens,
+mapping back) runs as a pair of adjoint custom autograd Functions in one of two layouts
+(``sta_lightning.nn.sta_pixels``: "rows" for eager CPU work, "cells" on GPUs and under compile or export),
+and the refine MHSA runs through ``F.scaled_dot_product_attention`` on the super tokens.
 """
 
 from __future__ import annotations

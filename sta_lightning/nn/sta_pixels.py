@@ -228,7 +228,7 @@ def row_pool(
     for _ in range(n_iter):
         bands = _token_bands(tokens)
         logits = _per_image(lambda i, bands=bands: bands[i] @ pixels[i], b)  # (B, hh, 3*(ww+2), h*W)
-        affinity = (logits * scale).masked_fill_(outside, -torch.inf).softmax(-2)
+        affinity = logits.mul_(scale).masked_fill_(outside, -torch.inf).softmax(-2)
         mass = _scatter_bands(affinity.sum(-1, keepdim=True), ww)
         tokens = _scatter_bands(_bands_from_image(image, affinity), ww) / (mass + EPS)
         tokens = tokens.view(b, hh, ww, c)
