@@ -6,11 +6,13 @@ Usage: python benchmarks/model.py [--scales n s m l x] [--latency-repeats 10] [-
 - GFLOPs: torch.utils.flop_counter.FlopCounterMode at 640x640, batch 1 (2 x multiply-accumulates of convs and
   matmuls; BN, activations and pooling are not counted): the reference's fused figures (8.74 for n, BN folded
   into the convs). Its unfused 8.86 GFLOPs for n are thop MACs x 2, which also count BN and bias additions.
-- CPU latency: eval, batch 1 at 640, inference mode, median over repeats after one warm-up; wall time and
-  process CPU time (on a loaded machine, `--threads 1` and the CPU column measure the work itself).
+- CPU latency: eval, batch 1 at 640, inference mode, plain and default STA in interleaved rounds, medians
+  over repeats after one warm-up; wall time and process CPU time (on a loaded machine, `--threads 1` and the
+  CPU column measure the work itself).
 - Train step of n at batch 8, 320 px, 4 random boxes per image: zero_grad, forward, YOLOv8Loss, backward,
   clip_grad_norm_(10), SGD (nesterov) step. Plain, default STA and (when importable) the reference model run
   in interleaved rounds so that machine load hits them alike; medians and ratios are printed.
+- Last, the two yolov8n ratios default STA / plain: inference (640 px, batch 1) and the train step.
 """
 
 import argparse
@@ -35,27 +37,32 @@ def giga_flops(model: torch.nn.Module, size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def median_ms(step: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, float]:
-    """Median wall and process-CPU milliseconds of ``step``."""
-    for _ in range(warmup):
-        step()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        step()
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return 1e3 * statistics.median(wall), 1e3 * statistics.median(cpu)
+def interleaved_medians(steps: dict[str, Callable[[], object]], repeats: int, warmup: int = 1):
+    """Median wall and process-CPU milliseconds of each step, the steps run in interleaved rounds (so that
+    load from other processes hits them alike): ({name: wall ms}, {name: CPU ms})."""
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    for round_index in range(warmup + repeats):
+        for name, step in steps.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            step()
+            if round_index >= warmup:
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    return (
+        {name: 1e3 * statistics.median(values) for name, values in wall.items()},
+        {name: 1e3 * statistics.median(values) for name, values in cpu.items()},
+    )
 
 
-def latency_ms(model: torch.nn.Module, size: int, repeats: int) -> tuple[float, float]:
+def inference_step(model: torch.nn.Module, size: int) -> Callable[[], None]:
     images = torch.rand(1, 3, size, size)
 
     def forward() -> None:
         with torch.inference_mode():
             model(images)
 
-    return median_ms(forward, repeats)
+    return forward
 
 
 def random_targets(batch: int, size: int, boxes_per_image: int, num_classes: int, generator: torch.Generator):
@@ -105,7 +112,8 @@ def reference_train_step(images, targets) -> Callable[[], None] | None:
     return train_step(model, sgd(model), lambda preds: model.loss(batch, preds), images)
 
 
-def compare_train_steps(steps: int, batch: int, size: int) -> None:
+def compare_train_steps(steps: int, batch: int, size: int) -> float:
+    """Prints the train-step table; returns the default STA / plain wall-time ratio."""
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(batch, 3, size, size, generator=generator)
     targets = random_targets(batch, size, 4, 80, generator)
@@ -118,17 +126,7 @@ def compare_train_steps(steps: int, batch: int, size: int) -> None:
     reference = reference_train_step(images, targets)
     if reference is not None:
         variants["reference (ultralytics)"] = reference
-    wall: dict[str, list[float]] = {name: [] for name in variants}
-    cpu: dict[str, list[float]] = {name: [] for name in variants}
-    for round_index in range(steps + 2):  # two warm-up rounds, then interleaved timed rounds
-        for name, step in variants.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            step()
-            if round_index >= 2:
-                wall[name].append(time.perf_counter() - start)
-                cpu[name].append(time.process_time() - start_cpu)
-    wall_ms = {name: 1e3 * statistics.median(values) for name, values in wall.items()}
-    cpu_ms = {name: 1e3 * statistics.median(values) for name, values in cpu.items()}
+    wall_ms, cpu_ms = interleaved_medians(variants, steps, warmup=2)
     print(f"\nTrain step, YOLOv8-n, batch {batch} at {size} px, median of {steps} interleaved steps")
     print(
         "(process CPU time is less disturbed by other load than wall time; --threads 1 measures the work):\n"
@@ -140,26 +138,32 @@ def compare_train_steps(steps: int, batch: int, size: int) -> None:
             f"| {name} | {ms:.0f} | {batch / ms * 1e3:.1f} | {ms / wall_ms['plain']:.2f}x "
             f"| {cpu_ms[name]:.0f} | {cpu_ms[name] / cpu_ms['plain']:.2f}x |"
         )
+    return wall_ms["default STA"] / wall_ms["plain"]
 
 
-def compare_scales(scales: list[str], size: int, repeats: int | None) -> None:
+def compare_scales(scales: list[str], size: int, repeats: int | None) -> dict[str, float]:
+    """Prints the per-scale table (plain and default STA timed in interleaved rounds); returns each scale's
+    default STA / plain wall-time ratio."""
     print(f"\nYOLOv8 at {size} px, batch 1, CPU fp32, {torch.get_num_threads()} threads:\n")
     print("| scale | params M | +STA | GFLOPs | +STA | ms | +STA ms | ratio | CPU ms | +STA CPU ms |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    ratios = {}
     for scale in scales:
-        row = []
-        for sta in (None, DEFAULT_STA):
+        models = {}
+        for name, sta in (("plain", None), ("sta", DEFAULT_STA)):
             torch.manual_seed(0)
-            model = YOLOv8(scale, sta=sta).eval()
-            params = sum(p.numel() for p in model.parameters()) / 1e6
-            flops = giga_flops(model, size)
-            latency = latency_ms(model, size, repeats or DEFAULT_LATENCY_REPEATS[scale])
-            row.append((params, flops, latency))
-        (p0, f0, (l0, c0)), (p1, f1, (l1, c1)) = row
+            models[name] = YOLOv8(scale, sta=sta).eval()
+        params = {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in models.items()}
+        flops = {name: giga_flops(m, size) for name, m in models.items()}
+        steps = {name: inference_step(m, size) for name, m in models.items()}
+        wall, cpu = interleaved_medians(steps, repeats or DEFAULT_LATENCY_REPEATS[scale])
+        ratios[scale] = wall["sta"] / wall["plain"]
         print(
-            f"| {scale} | {p0:.2f} | {p1:.2f} | {f0:.2f} | {f1:.2f} | {l0:.0f} | {l1:.0f} | {l1 / l0:.2f}x "
-            f"| {c0:.0f} | {c1:.0f} |"
+            f"| {scale} | {params['plain']:.2f} | {params['sta']:.2f} | {flops['plain']:.2f} "
+            f"| {flops['sta']:.2f} | {wall['plain']:.0f} | {wall['sta']:.0f} | {ratios[scale]:.2f}x "
+            f"| {cpu['plain']:.0f} | {cpu['sta']:.0f} |"
         )
+    return ratios
 
 
 def main() -> None:
@@ -176,10 +180,26 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} (timings are noisy above ~0.5)")
+    summary = []
     if args.scales:
-        compare_scales(args.scales, args.size, args.latency_repeats)
+        repeats = args.latency_repeats
+        ratios = compare_scales(args.scales, args.size, repeats)
+        if "n" in ratios:
+            count = repeats or DEFAULT_LATENCY_REPEATS["n"]
+            summary.append(
+                f"inference ({args.size} px, batch 1): {ratios['n']:.2f}x "
+                f"(medians of {count} interleaved runs)"
+            )
     if args.train_steps:
-        compare_train_steps(args.train_steps, args.train_batch, args.train_size)
+        ratio = compare_train_steps(args.train_steps, args.train_batch, args.train_size)
+        summary.append(
+            f"train step (batch {args.train_batch}, {args.train_size} px): {ratio:.2f}x "
+            f"(medians of {args.train_steps} interleaved steps)"
+        )
+    if summary:
+        print(f"\nYOLOv8-n, default STA vs plain, wall time, {args.threads} thread(s):")
+        for line in summary:
+            print(f"  {line}")
 
 
 if __name__ == "__main__":

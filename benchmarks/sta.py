@@ -1,6 +1,6 @@
 """Forward+backward time and memory of StokenAttention vs the official algorithm and global SDPA attention.
 
-Run: ``python benchmarks/sta.py [--sizes 20 40 80 160] [--repeats 10] [--device cpu|cuda]``.
+Run: ``python benchmarks/sta.py [--sizes 20 40 80 160] [--repeats 10] [--threads 1 2] [--device cpu|cuda]``.
 
 Three modules, same weights, measured side by side in one run (C=256, 8 heads, stoken 8x8, n_iter 1,
 qkv_bias, batch 1, float32):
@@ -214,6 +214,49 @@ def official_state_dict(module: StokenAttention) -> dict[str, Tensor]:
     return {"unfold.weights": bank, "fold.weights": bank.clone(), **module.state_dict()}
 
 
+def measure(
+    sizes: list[int], repeats: int, modules: dict[str, nn.Module], sdpa_max_side: int, device: torch.device
+) -> dict[tuple[int, str], tuple[float, int, int]]:
+    """(side, module name) -> (median seconds, saved bytes, peak bytes), printing one table row each."""
+    c = modules["ours"].stoken_refine.qkv.in_channels
+    print(f"{'map':>8} {'module':>9} {'median ms':>10} {'ms/1k px':>9} {'saved MB':>9} {'peak MB':>8}")
+    rows: dict[tuple[int, str], tuple[float, int, int]] = {}
+    for side in sizes:
+        x = torch.randn(1, c, side, side, device=device, requires_grad=True)
+        upstream = torch.randn(1, c, side, side, device=device)
+        with torch.no_grad():
+            diff = (modules["ours"](x) - modules["official"](x)).abs().max().item()
+        active = {"ours": modules["ours"], "official": modules["official"]}
+        seconds = median_seconds(active, x, upstream, repeats)
+        if side <= sdpa_max_side:
+            seconds |= median_seconds({"sdpa": modules["sdpa"]}, x, upstream, repeats)
+            active["sdpa"] = modules["sdpa"]
+        for name, module in active.items():
+            saved, peak = saved_bytes(module, x), peak_bytes(module, x, upstream)
+            rows[side, name] = (seconds[name], saved, peak)
+            print(
+                f"{side:>3}x{side:<4} {name:>9} {seconds[name] * 1e3:>10.2f} "
+                f"{seconds[name] * 1e6 / side**2:>9.3f} {saved / 2**20:>9.2f} {peak / 2**20:>8.2f}"
+            )
+        print(f"{'':>8} max |ours - official| output = {diff:.2e}")
+    return rows
+
+
+def print_ratios(sizes: list[int], rows: dict[tuple[int, str], tuple[float, int, int]]) -> None:
+    print("\nratios (>1 means ours is better): time and peak memory")
+    print(
+        f"{'map':>8} {'speed-up vs official':>21} {'vs sdpa':>8} {'peak official/ours':>19} "
+        f"{'peak sdpa/ours':>15}"
+    )
+    for side in sizes:
+        t_ours, _, p_ours = rows[side, "ours"]
+        t_off, _, p_off = rows[side, "official"]
+        sdpa_row = rows.get((side, "sdpa"))
+        vs_sdpa = f"{sdpa_row[0] / t_ours:8.1f}" if sdpa_row else f"{'-':>8}"
+        mem_sdpa = f"{sdpa_row[2] / p_ours:15.2f}" if sdpa_row else f"{'-':>15}"
+        print(f"{side:>3}x{side:<4} {t_off / t_ours:>21.2f} {vs_sdpa} {p_off / p_ours:>19.2f} {mem_sdpa}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -223,10 +266,10 @@ def main() -> None:
     parser.add_argument("--sdpa-max-side", type=int, default=80, help="skip global SDPA above this side")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--channels", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch default)")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts, one run each (0: default)"
+    )
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device, c = torch.device(args.device), args.channels
 
     torch.manual_seed(0)
@@ -235,44 +278,27 @@ def main() -> None:
     official.load_state_dict(official_state_dict(ours), strict=True)
     sdpa = StokenAttention(c, (1, 1), num_heads=8, qkv_bias=True).to(device)
     sdpa.load_state_dict(ours.state_dict())
+    modules = {"ours": ours, "official": official, "sdpa": sdpa}
+
+    speedups: dict[tuple[int, int], float] = {}
+    for threads in args.threads if device.type == "cpu" else [0]:
+        if threads:
+            torch.set_num_threads(threads)
+        print(
+            f"\ndevice {device}, threads {torch.get_num_threads()}, torch {torch.__version__}, C={c}, "
+            f"batch 1, fp32, load average {os.getloadavg()[0]:.1f}"
+        )
+        rows = measure(args.sizes, args.repeats, modules, args.sdpa_max_side, device)
+        print_ratios(args.sizes, rows)
+        for side in args.sizes:
+            speedups[side, torch.get_num_threads()] = rows[side, "official"][0] / rows[side, "ours"][0]
 
     print(
-        f"device {device}, threads {torch.get_num_threads()}, torch {torch.__version__}, C={c}, batch 1, fp32"
+        f"\nSTA forward+backward speed-up vs the official algorithm "
+        f"(medians of {args.repeats} interleaved repeats):"
     )
-    header = f"{'map':>8} {'module':>9} {'median ms':>10} {'ms/1k px':>9} {'saved MB':>9} {'peak MB':>8}"
-    print(header)
-    rows: dict[tuple[int, str], tuple[float, int, int]] = {}
-    for side in args.sizes:
-        x = torch.randn(1, c, side, side, device=device, requires_grad=True)
-        upstream = torch.randn(1, c, side, side, device=device)
-        with torch.no_grad():
-            diff = (ours(x) - official(x)).abs().max().item()
-        seconds = median_seconds({"ours": ours, "official": official}, x, upstream, args.repeats)
-        active = {"ours": ours, "official": official}
-        if side <= args.sdpa_max_side:
-            seconds |= median_seconds({"sdpa": sdpa}, x, upstream, args.repeats)
-            active["sdpa"] = sdpa
-        for name, module in active.items():
-            saved, peak = saved_bytes(module, x), peak_bytes(module, x, upstream)
-            rows[side, name] = (seconds[name], saved, peak)
-            print(
-                f"{side:>3}x{side:<4} {name:>9} {seconds[name] * 1e3:>10.2f} "
-                f"{seconds[name] * 1e6 / side**2:>9.3f} {saved / 2**20:>9.2f} {peak / 2**20:>8.2f}"
-            )
-        print(f"{'':>8} max |ours - official| output = {diff:.2e}")
-
-    print("\nratios (>1 means ours is better): time and peak memory")
-    print(
-        f"{'map':>8} {'speed-up vs official':>21} {'vs sdpa':>8} {'peak official/ours':>19} "
-        f"{'peak sdpa/ours':>15}"
-    )
-    for side in args.sizes:
-        t_ours, _, p_ours = rows[side, "ours"]
-        t_off, _, p_off = rows[side, "official"]
-        sdpa_row = rows.get((side, "sdpa"))
-        vs_sdpa = f"{sdpa_row[0] / t_ours:8.1f}" if sdpa_row else f"{'-':>8}"
-        mem_sdpa = f"{sdpa_row[2] / p_ours:15.2f}" if sdpa_row else f"{'-':>15}"
-        print(f"{side:>3}x{side:<4} {t_off / t_ours:>21.2f} {vs_sdpa} {p_off / p_ours:>19.2f} {mem_sdpa}")
+    for (side, threads), speedup in speedups.items():
+        print(f"  {side}x{side}, C={c}, {threads} thread{'s' if threads > 1 else ''}: {speedup:.2f}x")
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def coco_rows(detections: dict[int, np.ndarray], category_ids: list[int]) -> np.
 def test_the_checkpoint_detector_has_the_state_dict_weights(demo, reference):
     checkpoint = torch.load(demo["checkpoint"], weights_only=True)
     weights = reference["detector"].state_dict()
-    assert list(reference["detector"].sta) == ["layer4", "layer6", "layer8"]
+    assert list(reference["detector"].sta) == ["layer6", "layer8"]
     assert reference["detector"].sta_placements == DEFAULT_STA
     assert len(weights) == len(checkpoint["state_dict"])
     for key, value in checkpoint["state_dict"].items():
@@ -232,7 +232,7 @@ def test_the_sidecar_states_the_contract(demo, exported):
     }
     assert decoded["output"]["name"] == "decoded" and decoded["output"]["shape"] == ["batch", 9, 189]
     assert decoded["nms"] is None and decoded["checkpoint"] == str(demo["checkpoint"])
-    assert [p["layer"] for p in decoded["model"]["sta"]] == [4, 6, 8] and decoded["model"]["scale"] == "n"
+    assert [p["layer"] for p in decoded["model"]["sta"]] == [6, 8] and decoded["model"]["scale"] == "n"
     assert decoded["versions"]["torch"] == torch.__version__ and decoded["versions"]["opset"] >= 18
     assert {"sta_lightning", "onnx", "onnxscript", "torchvision"} <= decoded["versions"].keys()
     with_nms = sidecar(exported["onnx_nms"])

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from sta_lightning.nn import StokenAssociation, StokenAttention
-from sta_lightning.nn import sta as sta_module
 
 
 def reference_mhsa(tokens, params, num_heads, qk_scale=None):
@@ -72,9 +71,10 @@ def reference_sta(x, params, stoken_size, n_iter, num_heads):
     return out.transpose(1, 2).reshape(b, c, hp, wp)[:, :, :h0, :w0], q
 
 
-def random_module(dim, stoken_size, n_iter, num_heads, qkv_bias, seed=0):
+def random_module(dim, stoken_size, n_iter, num_heads, qkv_bias, seed=0, pixel_layout="auto"):
     torch.manual_seed(seed)
-    module = StokenAttention(dim, stoken_size, n_iter, num_heads, qkv_bias=qkv_bias).double()
+    module = StokenAttention(dim, stoken_size, n_iter, num_heads, qkv_bias, pixel_layout=pixel_layout)
+    module.double()
     with torch.no_grad():
         for p in module.parameters():
             p.normal_(0.0, 0.3)
@@ -99,9 +99,10 @@ CASES = [  # (B, C, H, W, stoken, n_iter, heads, qkv_bias)
 ]
 
 
+@pytest.mark.parametrize("layout", ["rows", "cells"])
 @pytest.mark.parametrize(("b", "c", "h", "w", "stoken", "n_iter", "heads", "qkv_bias"), CASES)
-def test_matches_dense_reference_forward_and_gradients(b, c, h, w, stoken, n_iter, heads, qkv_bias):
-    module = random_module(c, stoken, n_iter, heads, qkv_bias)
+def test_matches_dense_reference_forward_and_gradients(b, c, h, w, stoken, n_iter, heads, qkv_bias, layout):
+    module = random_module(c, stoken, n_iter, heads, qkv_bias, pixel_layout=layout)
     params = {name: p.detach().clone().requires_grad_() for name, p in module.named_parameters()}
     x = structured_input(b, c, h, w).requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
@@ -119,19 +120,42 @@ def test_matches_dense_reference_forward_and_gradients(b, c, h, w, stoken, n_ite
         torch.testing.assert_close(p.grad, params[name].grad, rtol=0, atol=1e-10, msg=name)
 
 
-@pytest.mark.parametrize(("b", "c", "h", "w", "stoken", "n_iter", "heads", "qkv_bias"), [CASES[1], CASES[3]])
-def test_matches_dense_reference_when_processed_one_cell_row_at_a_time(
-    monkeypatch, b, c, h, w, stoken, n_iter, heads, qkv_bias
-):
-    """Large maps run the pixel-level products over chunks of cell rows; force one row per chunk here."""
-    monkeypatch.setattr(sta_module, "_CHUNK_ELEMENTS", 1)
-    assert len(sta_module._row_chunks(torch.empty(b, c, h + -h % stoken[0], w), stoken)) > 1
-    test_matches_dense_reference_forward_and_gradients(b, c, h, w, stoken, n_iter, heads, qkv_bias)
+def test_auto_layout_is_rows_in_eager_float32_cpu_runs_and_cells_elsewhere():
+    module = StokenAttention(16, (4, 4), num_heads=2)
+    assert module.uses_rows(torch.empty(1, 16, 8, 8))
+    assert module.uses_rows(torch.empty(1, 16, 8, 8, dtype=torch.float64))
+    assert not module.uses_rows(torch.empty(1, 16, 8, 8, device="meta"))  # any other device: cells
+    assert not module.uses_rows(torch.empty(1, 16, 8, 8, dtype=torch.bfloat16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not module.uses_rows(torch.empty(1, 16, 8, 8))
+    cells = StokenAttention(16, (4, 4), num_heads=2, pixel_layout="cells")
+    assert not cells.uses_rows(torch.empty(1, 16, 8, 8))
+    with pytest.raises(ValueError, match="pixel_layout"):
+        StokenAttention(16, (4, 4), pixel_layout="chunks")
 
 
-def test_association_matches_dense_q_and_sums_to_one_minus_outside_mass():
+def test_rows_and_cells_layouts_agree_in_float32_on_a_detector_sized_map():
+    """The two layouts on an 8x8-cell map with padding: equal outputs and gradients to float32 rounding."""
+    torch.manual_seed(0)
+    rows = StokenAttention(32, (8, 8), num_heads=4, qkv_bias=True, pixel_layout="rows")
+    cells = StokenAttention(32, (8, 8), num_heads=4, qkv_bias=True, pixel_layout="cells")
+    cells.load_state_dict(rows.state_dict())
+    x = (3 * torch.randn(2, 32, 37, 45)).requires_grad_()
+    upstream = torch.randn(2, 32, 37, 45)
+    results = []
+    for module in (rows, cells):
+        out, association = module(x, return_association=True)
+        (out * upstream).sum().backward()
+        results.append((out, association.weights, x.grad, module.stoken_refine.qkv.weight.grad))
+        x.grad = None
+    for name, expected, actual in zip(("out", "association", "x.grad", "qkv.grad"), *results, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["rows", "cells"])
+def test_association_matches_dense_q_and_sums_to_one_minus_outside_mass(layout):
     b, c, h, w, stoken = 2, 8, 13, 19, (4, 4)
-    module = random_module(c, stoken, 2, 2, True)
+    module = random_module(c, stoken, 2, 2, True, pixel_layout=layout)
     x = structured_input(b, c, h, w)
     params = dict(module.named_parameters())
     with torch.no_grad():
@@ -216,10 +240,10 @@ def test_rejects_official_dict_with_altered_fixed_bank():
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
-@pytest.mark.parametrize("stoken", [(4, 4), (1, 1)])
-def test_autocast_is_finite_and_close_to_float32(dtype, tolerance, stoken):
+@pytest.mark.parametrize(("stoken", "layout"), [((4, 4), "rows"), ((4, 4), "cells"), ((1, 1), "auto")])
+def test_autocast_is_finite_and_close_to_float32(dtype, tolerance, stoken, layout):
     torch.manual_seed(0)
-    module = StokenAttention(32, stoken, n_iter=2, num_heads=4, qkv_bias=True)
+    module = StokenAttention(32, stoken, n_iter=2, num_heads=4, qkv_bias=True, pixel_layout=layout)
     x = (4.0 * torch.randn(2, 32, 11, 13)).requires_grad_()
     reference = module(x)
     reference.square().mean().backward()
@@ -234,20 +258,41 @@ def test_autocast_is_finite_and_close_to_float32(dtype, tolerance, stoken):
     assert (x.grad - reference_grad).abs().max() <= 4 * tolerance * reference_grad.abs().max()
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("layout", ["rows", "cells"])
+def test_bfloat16_module_keeps_bfloat16_and_stays_close_to_float32(layout):
+    """A bfloat16 module on bfloat16 maps returns bfloat16; the softmax, mass and eps run in float32."""
     torch.manual_seed(0)
-    module = StokenAttention(16, (4, 4), n_iter=2, num_heads=2, qkv_bias=True)
+    module = StokenAttention(32, (4, 4), n_iter=2, num_heads=4, qkv_bias=True, pixel_layout=layout)
+    x = (4.0 * torch.randn(2, 32, 11, 13)).requires_grad_()
+    reference = module(x)
+    reference.square().mean().backward()
+    reference_grad = x.grad
+    x_half = x.detach().bfloat16().requires_grad_()
+    out = module.bfloat16()(x_half)
+    out.float().square().mean().backward()
+    assert out.dtype == x_half.grad.dtype == torch.bfloat16
+    assert (out.float() - reference).abs().max() <= 3e-2 * reference.abs().max()
+    assert (x_half.grad.float() - reference_grad).abs().max() <= 4e-2 * reference_grad.abs().max()
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_torch_compile_fullgraph_matches_eager(autocast):
+    """Compiled (the cells layout, as on GPUs) against eager, forward and backward, in float32 and under
+    bfloat16 autocast (the products in bfloat16 both ways)."""
+    torch.manual_seed(0)
+    module = StokenAttention(16, (4, 4), n_iter=2, num_heads=2, qkv_bias=True, pixel_layout="cells")
     compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
     x = torch.randn(1, 16, 10, 13, requires_grad=True)
-    out, association = compiled(x, return_association=True)
-    out.sum().backward()
-    grad = x.grad.clone()
-    x.grad = None
-    expected, expected_association = module(x, return_association=True)
-    expected.sum().backward()
-    torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(association.weights, expected_association.weights)
-    torch.testing.assert_close(grad, x.grad)
+    results = []
+    for run in (compiled, module):
+        with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+            out, association = run(x, return_association=True)
+        out.float().sum().backward()
+        results.append((out, association.weights, x.grad))
+        x.grad = None
+    assert results[0][0].dtype == (autocast or torch.float32)
+    for name, actual, expected in zip(("out", "association", "x.grad"), *results, strict=True):
+        torch.testing.assert_close(actual, expected, msg=name)
 
 
 def test_inductor_compile_and_torch_export_match_eager():

@@ -204,3 +204,48 @@ def test_assigner_settings_reach_the_loss():
     assigner = module.loss.assigner
     assert (assigner.topk, assigner.alpha, assigner.beta, assigner.min_box_side) == (13, 1.0, 4.0, 16)
     assert DetectionModule(num_classes=3).loss.assigner.min_box_side is None  # classic YOLOv8 by default
+
+
+def _two_step_fit(root, **module_arguments) -> tuple[dict, DetectionModule]:
+    """Two optimizer steps of yolov8n with the default STA on 8 demo images at 64 px (no validation):
+    (the initial state dict, the trained module)."""
+    from sta_lightning.data import DemoDataModule
+
+    torch.manual_seed(0)
+    module = DetectionModule(
+        num_classes=5, sta="default", warmup_epochs=0, ema=False, nominal_batch_size=4, **module_arguments
+    )
+    initial = {key: value.clone() for key, value in module.state_dict().items()}
+    data = DemoDataModule(root=str(root), num_train=8, num_val=2, image_size=64, batch_size=4, num_workers=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        max_steps=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=data)
+    return initial, module
+
+
+def test_compiled_train_step_trains_like_the_eager_one(tmp_path):
+    """compile=True (backend aot_eager: it traces forward and backward like Inductor, without generating
+    code, so the test stays short on CPU): the same weights after two steps, the state dict keys unchanged."""
+    initial, eager = _two_step_fit(tmp_path / "demo")
+    _, compiled = _two_step_fit(tmp_path / "demo", compile=True, compile_backend="aot_eager")
+    assert compiled._compiled_model is not None and eager._compiled_model is None
+    eager_state, compiled_state = eager.state_dict(), compiled.state_dict()
+    assert compiled_state.keys() == eager_state.keys() == initial.keys()
+    for key, value in compiled_state.items():
+        torch.testing.assert_close(value, eager_state[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert not torch.equal(
+        compiled_state["model.sta.layer6.0.mlp2.fc1.weight"], initial["model.sta.layer6.0.mlp2.fc1.weight"]
+    )
+
+
+def test_unknown_compile_backend_is_refused_by_name():
+    with pytest.raises(ValueError, match="compile_backend 'inductr'"):
+        DetectionModule(num_classes=3, compile=True, compile_backend="inductr")

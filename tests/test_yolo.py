@@ -157,7 +157,8 @@ def test_sta_refines_the_layer_output_in_place():
 
 
 def test_capture_associations_returns_one_entry_per_super_token_block():
-    model = YOLOv8("n", sta=[*DEFAULT_STA, STAPlacement(layer=18, stoken_size=(2, 2), depth=2)]).eval()
+    p3 = STAPlacement(layer=4, stoken_size=(8, 8))
+    model = YOLOv8("n", sta=[p3, *DEFAULT_STA, STAPlacement(layer=18, stoken_size=(2, 2), depth=2)]).eval()
     images = torch.rand(2, 3, 96, 160)  # P3 12x20, P4 6x10, P5 3x5
     with torch.no_grad(), model.capture_associations() as maps:
         model(images)
@@ -248,10 +249,9 @@ def test_sta_placements_build_from_yaml():
     parser.add_class_arguments(YOLOv8, "model")
     config = parser.parse_string(
         "model:\n  scale: n\n  num_classes: 3\n  sta:\n"
-        "    - {layer: 4, stoken_size: [8, 8], mlp_ratio: 2.0}\n"
         "    - {layer: 6, stoken_size: [4, 4], mlp_ratio: 2.0}\n"
         "    - {layer: 8, stoken_size: [1, 1], mlp_ratio: 2.0}\n"
     )
     model = parser.instantiate_classes(config).model
     assert model.sta_placements == DEFAULT_STA
-    assert list(model.sta) == ["layer4", "layer6", "layer8"]
+    assert list(model.sta) == ["layer6", "layer8"]

@@ -129,6 +129,13 @@ class DetectionModule(L.LightningModule):
             (16 is what Ultralytics 8.4 does); null keeps the classic YOLOv8 behaviour.
         conf_threshold, iou_threshold, max_det, multi_label: NMS for validation and test.
         predict_conf_threshold, predict_multi_label: NMS for ``predict``.
+        compile: run the train step's forward through ``torch.compile`` (mode "default": Inductor's fused
+            kernels; not "reduce-overhead", whose CUDA graphs need static buffers and pay off for small,
+            launch-bound steps rather than a detector's, nor "max-autotune", which spends minutes tuning
+            each shape). The first step compiles (minutes on CPU); validation, test, predict and the EMA copy
+            run the eager model. STA blocks run their one-pass "cells" layout under compile.
+        compile_backend: the ``torch.compile`` backend: "inductor" generates the kernels; "aot_eager" only
+            traces forward and backward (fast: checks that the step compiles, without speed-up).
 
     The NMS settings are evaluation choices, not part of the model: they are left out of the checkpoint's
     hyperparameters, so ``validate|test|predict --ckpt_path`` take them from the command line / config.
@@ -173,6 +180,8 @@ class DetectionModule(L.LightningModule):
         multi_label: bool = True,
         predict_conf_threshold: float = 0.25,
         predict_multi_label: bool = False,
+        compile: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=[*NMS_ARGUMENTS, "pretrained"])
@@ -197,6 +206,11 @@ class DetectionModule(L.LightningModule):
             raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}")
         if category_ids is not None and len(category_ids) != num_classes:
             raise ValueError(f"category_ids has {len(category_ids)} ids for num_classes={num_classes}")
+        if compile and compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ValueError(
+                f"compile_backend {compile_backend!r} is not a torch.compile backend; "
+                f"known: {', '.join(torch._dynamo.list_backends(exclude_tags=()))}"
+            )
         self.automatic_optimization = False
         self.model = YOLOv8(model_scale, num_classes, placements)
         self.pretrained_summary: str | None = None
@@ -226,6 +240,9 @@ class DetectionModule(L.LightningModule):
         self.last_optimizer_step = -1  # iteration (over all epochs) of the last optimizer step
         self._restored_gradients: dict[str, Tensor] = {}  # pending gradients read from a checkpoint
         self.nonfinite_guard = NonFiniteStepGuard(max_nonfinite_steps)
+        # The compiled train-step forward (``compile``), made at the first step: after the strategy's model
+        # changes (SyncBatchNorm) and after the EMA callback copied this module, so the copy holds none.
+        self._compiled_model: nn.Module | None = None
 
     def forward(self, images: Tensor) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
         """float images (B, 3, S, S) in [0, 1] -> the detector's output (see ``YOLOv8``)."""
@@ -324,7 +341,7 @@ class DetectionModule(L.LightningModule):
         settings = self.schedule.at(iteration, self.current_epoch)
         apply_step_settings(optimizer.optimizer, settings)
 
-        predictions = self.model(self.model_input(batch["images"]))
+        predictions = self._train_forward(self.model_input(batch["images"]))
         targets = {key: batch[key] for key in ("batch_idx", "cls", "bboxes")}
         total, items = self.loss(predictions, targets, all_processes=True)
         where = (iteration, self.current_epoch, self.trainer.global_step)
@@ -354,6 +371,17 @@ class DetectionModule(L.LightningModule):
         lrs = {f"lr/{name}": lr for name, lr in zip(GROUP_NAMES, settings.lrs, strict=True)}
         self.log_dict(lrs, on_step=True, on_epoch=False, batch_size=batch_size)
         return total.detach()
+
+    def _train_forward(self, images: Tensor) -> list[Tensor]:
+        """The detector's train-mode forward, through ``torch.compile`` when ``compile`` is on. The compiled
+        wrapper is kept out of the module tree, so state dicts and checkpoints are unchanged."""
+        if not self.hparams.compile:
+            return self.model(images)
+        if self._compiled_model is None:
+            backend = self.hparams.compile_backend
+            mode = "default" if backend == "inductor" else None  # modes are Inductor's
+            self.__dict__["_compiled_model"] = torch.compile(self.model, mode=mode, backend=backend)
+        return self._compiled_model(images)
 
     def _gradient_scaler_active(self) -> bool:
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
