@@ -23,6 +23,8 @@ def read_epoch_metrics(path: Path) -> dict[str, dict[int, float]]:
     series: dict[str, dict[int, float]] = defaultdict(dict)
     with path.open(newline="") as file:
         for row in csv.DictReader(file):
+            if not row["epoch"]:  # rows logged outside an epoch (the dataset statistics at the start)
+                continue
             epoch = int(row["epoch"])
             for name in LOSSES:
                 if row.get(f"train/{name}_epoch"):
