@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from tiny_fit import fit_steps
 
 from sta_lightning import DetectionModule
 from sta_lightning.cli import main
@@ -74,23 +75,6 @@ def test_validate_the_pretrained_file_as_it_is(reference_files, tmp_path):
     assert float(cli.trainer.callback_metrics["val/mAP"]) == pytest.approx(README_VAL_MAP, abs=0.005)
 
 
-def _fit_steps(module: DetectionModule, root, steps: int = 2) -> None:
-    import lightning as L
-
-    data = DemoDataModule(root=str(root), num_train=8, num_val=2, image_size=128, batch_size=4, num_workers=0)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        max_steps=steps,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, datamodule=data)
-
-
 def test_sta_starts_as_the_identity_learns_and_frozen_layers_stay(reference_files, tmp_path):
     plain = YOLOv8("n", 5)
     load_pretrained(plain, reference_files / RELEASED)
@@ -113,7 +97,7 @@ def test_sta_starts_as_the_identity_learns_and_frozen_layers_stay(reference_file
 
     module.train()
     before = {key: value.clone() for key, value in module.model.state_dict().items()}
-    _fit_steps(module, tmp_path / "demo")
+    fit_steps(module, tmp_path / "demo")
     after = module.model.state_dict()
     changed = {key for key in before if not torch.equal(before[key], after[key])}
     backbone = [key for key in before if key.startswith("layers.") and int(key.split(".")[1]) < 10]

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from tiny_fit import fit_steps
 from torch import nn
 
 from sta_lightning.models import DEFAULT_STA, YOLOv8
@@ -209,25 +210,12 @@ def test_assigner_settings_reach_the_loss():
 def _two_step_fit(root, **module_arguments) -> tuple[dict, DetectionModule]:
     """Two optimizer steps of yolov8n with the default STA on 8 demo images at 64 px (no validation):
     (the initial state dict, the trained module)."""
-    from sta_lightning.data import DemoDataModule
-
     torch.manual_seed(0)
     module = DetectionModule(
         num_classes=5, sta="default", warmup_epochs=0, ema=False, nominal_batch_size=4, **module_arguments
     )
     initial = {key: value.clone() for key, value in module.state_dict().items()}
-    data = DemoDataModule(root=str(root), num_train=8, num_val=2, image_size=64, batch_size=4, num_workers=0)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        max_steps=2,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, datamodule=data)
+    fit_steps(module, root, steps=2, image_size=64)
     return initial, module
 
 
