@@ -244,6 +244,20 @@ def test_category_names_that_differ_between_splits_warn(source, tmp_path):
         dm.setup("fit")
 
 
+def test_an_image_info_file_as_evaluation_split_warns_that_nothing_is_annotated(source, tmp_path):
+    # An image info file (no "annotations", as COCO's test-dev list) is for predict; given as the split to
+    # validate, it loads but is named in a warning instead of silently scoring nothing.
+    image_dir, annotation_file, data = _small_copy(source, tmp_path, count=3)
+    del data["annotations"]
+    info_file = tmp_path / "image_info.json"
+    info_file.write_text(json.dumps(data))
+    dm = COCODataModule(val_images=str(image_dir), val_annotations=str(info_file), num_workers=0)
+    expected = r"image_info\.json: no object is annotated, so 'validate' has nothing"
+    with pytest.warns(DataWarning, match=expected):
+        dm.setup("validate")
+    assert len(dm.datasets["val"]) == 3
+
+
 def test_prepare_data_scans_once_so_setup_reads_the_cache(source, tmp_path, monkeypatch):
     image_dir, annotation_file, _ = _small_copy(source, tmp_path, count=4)
     dm = COCODataModule(
