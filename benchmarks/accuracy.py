@@ -36,10 +36,13 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from sta_lightning import DetectionModule
-from sta_lightning.data import COCODataModule, DemoDataModule
-from sta_lightning.data.coco import load_coco_index
+from sta_lightning.data import AugmentConfig, COCODataModule, DemoDataModule, LoaderConfig, Split
+from sta_lightning.data.coco_index import load_coco_index
 from sta_lightning.metrics import evaluate_coco
+from sta_lightning.models import DetectorConfig
+from sta_lightning.training import DetectionModule
+from sta_lightning.training.ema import EMAConfig
+from sta_lightning.training.optim import OptimizerConfig, WarmupConfig
 
 REFERENCE_SCRIPT = Path(__file__).with_name("reference_yolov8.py")
 VARIANTS = {"plain": None, "sta": "default"}
@@ -67,44 +70,37 @@ def recipe(args: argparse.Namespace) -> dict:
 def datamodule(args: argparse.Namespace) -> COCODataModule:
     common = dict(
         image_size=args.image_size,
-        batch_size=args.batch,
-        num_workers=args.workers,
-        close_mosaic=args.close_mosaic,
+        loader=LoaderConfig(batch_size=args.batch, num_workers=args.workers),
+        augment=AugmentConfig(close_mosaic=args.close_mosaic),
     )
     if args.train_annotations:
         return COCODataModule(
-            train_images=args.train_images,
-            train_annotations=args.train_annotations,
-            val_images=args.val_images,
-            val_annotations=args.val_annotations,
+            train=Split(args.train_images, args.train_annotations),
+            val=Split(args.val_images, args.val_annotations),
             **common,
         )
     return DemoDataModule(root=args.demo_root, **common)
 
 
-def fit_ours(args: argparse.Namespace, variant: str, seed: int, **module_args) -> dict:
-    """Fit this project's YOLOv8n (variant plain / sta; ``module_args`` go to DetectionModule too); returns
-    mAP, mAP50 and the fit seconds."""
+def fit_ours(args: argparse.Namespace, variant: str, seed: int, pretrained: str | None = None) -> dict:
+    """Fit this project's YOLOv8n (variant plain / sta, starting from the ``pretrained`` weights file when
+    given); returns mAP, mAP50 and the fit seconds."""
     hp = recipe(args)
     L.seed_everything(seed, workers=True, verbose=False)
     data = datamodule(args)
     model = DetectionModule(
-        model_scale="n",
-        sta=VARIANTS[variant],
-        num_classes=data.num_classes,
-        class_names=data.class_names,
-        category_ids=data.category_ids,
-        optimizer=hp["optimizer"],
-        lr0=hp["lr0"],
-        lrf=hp["lrf"],
-        momentum=hp["momentum"],
-        weight_decay=hp["weight_decay"],
-        nominal_batch_size=hp["nbs"],
-        warmup_epochs=hp["warmup_epochs"],
-        warmup_min_iterations=100,
-        warmup_bias_lr=hp["warmup_bias_lr"],
-        ema_tau=2000.0,
-        **module_args,
+        detector=DetectorConfig(scale="n", sta=VARIANTS[variant], pretrained=pretrained),
+        classes=data.classes,
+        optimizer=OptimizerConfig(
+            name=hp["optimizer"],
+            lr0=hp["lr0"],
+            lrf=hp["lrf"],
+            momentum=hp["momentum"],
+            weight_decay=hp["weight_decay"],
+            nominal_batch_size=hp["nbs"],
+        ),
+        warmup=WarmupConfig(epochs=hp["warmup_epochs"], min_iterations=100, bias_lr=hp["warmup_bias_lr"]),
+        ema=EMAConfig(tau=2000.0),
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -149,16 +145,13 @@ def write_yolo_layout(index, split: str, root: Path) -> list[str]:
 
 def fit_reference(args: argparse.Namespace, seed: int, data: COCODataModule) -> dict:
     """Train the reference yolov8n in its own interpreter; score its val detections with evaluate_coco."""
-    (train_images, train_annotations), (val_images, val_annotations) = (
-        data.splits["train"],
-        data.splits["val"],
-    )
-    train_index = load_coco_index(train_annotations, train_images)
-    val_index = load_coco_index(val_annotations, val_images)
+    train, val = data.splits["train"], data.splits["val"]
+    train_index = load_coco_index(train.annotations, train.images)
+    val_index = load_coco_index(val.annotations, val.images)
     layout = args.out_dir / "reference-data"
     write_yolo_layout(train_index, "train", layout)
     val_paths = write_yolo_layout(val_index, "val", layout)
-    names = "".join(f"  {i}: {name}\n" for i, name in enumerate(data.class_names))
+    names = "".join(f"  {i}: {name}\n" for i, name in enumerate(data.classes.names))
     data_yaml = layout / "data.yaml"
     data_yaml.write_text(f"path: {layout.resolve()}\ntrain: images/train\nval: images/val\nnames:\n{names}")
     run_dir = (args.out_dir / f"reference-seed{seed}").resolve()
@@ -198,7 +191,7 @@ def fit_reference(args: argparse.Namespace, seed: int, data: COCODataModule) -> 
         sys.exit(f"the reference run failed (exit {completed.returncode}); its log: {log_file}")
     result = json.loads((run_dir / "result.json").read_text())
     image_ids = {path: int(Path(path).stem) for path in val_paths}
-    category_ids = data.category_ids
+    category_ids = data.classes.category_ids
     detections = [
         {
             "image_id": image_ids[path],
@@ -209,7 +202,7 @@ def fit_reference(args: argparse.Namespace, seed: int, data: COCODataModule) -> 
         for path, found in result["detections"].items()
         for x1, y1, x2, y2, score, cls in found
     ]
-    metrics = evaluate_coco(val_annotations, detections)
+    metrics = evaluate_coco(val.annotations, detections)
     return {"map": metrics["map"], "map50": metrics["map_50"], "seconds": result["fit_seconds"]}
 
 

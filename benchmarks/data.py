@@ -1,5 +1,14 @@
-"""Data pipeline throughput per worker, and the cost of an epoch start with new or persistent workers.
+"""Data pipeline throughput per worker, side by side with the reference, and the cost of an epoch start.
 
+0. With ``--reference-python`` (the python of a venv with ``ultralytics==8.2.103``, never this project's):
+   training samples per second of this project's ``CocoDetectionDataset`` and of the reference's
+   ``YOLODataset`` (benchmarks/reference_data.py, run by that python), one process and one thread each, on
+   the same images (``--images``/``--annotations``, default coco128 from ../shared/data) at ``--image-size``
+   with the default recipe (mosaic, affine, HSV, flip), JPEG decoding included, in alternating rounds of
+   ``--round-images`` samples of a shuffled epoch: uncached (the reference reading one new image per sample,
+   as on a dataset larger than its buffer of recent images) and cached (ours: ``cache="ram"``; the
+   reference's ``cache="ram"``). Prints each side's median images/s, the decodes per sample and the ratios.
+   ``--compare-only`` skips parts 1 and 2.
 1. Images per second for ONE worker (one process, one thread), JPEG decode included: training pipeline
    (read, resize, 4-image mosaic, affine, colour, flip, collate) and validation pipeline (read, resize,
    letterbox, collate) at the input size, on coco128 from ../shared/data when present, else the demo data.
@@ -11,14 +20,18 @@
    images listed 118,287 times, as COCO train2017, 640 px, batch 16, 8 workers).
 
     python benchmarks/data.py [--image-size 640] [--batch-size 16] [--batches 6] [--epochs 6]
+        [--reference-python REF/bin/python] [--rounds 7] [--round-images 64] [--compare-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,27 +41,166 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from accuracy import write_yolo_layout  # noqa: E402
 
 from sta_lightning.data import COCODataModule, DemoDataModule  # noqa: E402
+from sta_lightning.data.coco_index import load_coco_index  # noqa: E402
+from sta_lightning.data.config import LoaderConfig, Split  # noqa: E402
+from sta_lightning.data.dataset import CocoDetectionDataset  # noqa: E402
+from sta_lightning.data.transforms import TrainAugmentation  # noqa: E402
 
 GOAL_IMAGES_PER_SECOND = 30.0
 COCO_TRAIN_IMAGES = 118_287
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REFERENCE_SCRIPT = Path(__file__).with_name("reference_data.py")
+
+
+class OurSamples:
+    """Training samples of this project's dataset, timed round by round over shuffled epochs."""
+
+    def __init__(self, dataset: CocoDetectionDataset, seed: int = 0) -> None:
+        self.dataset = dataset
+        self.epochs = np.random.default_rng(seed)
+        self.order: list[int] = []
+        self.decodes = 0
+        read = dataset._read
+
+        def counting_read(i: int) -> np.ndarray:
+            self.decodes += 1
+            return read(i)
+
+        dataset._read = counting_read
+
+    def round(self, count: int) -> dict:
+        """Images per second over the next ``count`` samples (wall clock and this process's CPU time), and the
+        images decoded for them."""
+        decodes, start, cpu_start = self.decodes, time.perf_counter(), time.process_time()
+        for _ in range(count):
+            if not self.order:
+                self.order = self.epochs.permutation(len(self.dataset)).tolist()
+                self.dataset.epoch += 1
+            self.dataset[self.order.pop()]
+        return {
+            "images_per_second": count / (time.perf_counter() - start),
+            "cpu_images_per_second": count / (time.process_time() - cpu_start),
+            "decodes": self.decodes - decodes,
+        }
+
+
+class ReferenceSamples:
+    """The reference's training samples, timed by benchmarks/reference_data.py in the reference's python."""
+
+    def __init__(self, python: str, images: Path, image_size: int, cache: str | None, workdir: Path) -> None:
+        name = f"reference-data-{cache or 'uncached'}"
+        job = workdir / f"{name}.json"
+        settings = {"images": str(images), "image_size": image_size, "cache": cache, "seed": 0}
+        job.write_text(json.dumps({**settings, "fresh_buffer": cache is None}))
+        env = {
+            **os.environ,
+            "YOLO_OFFLINE": "1",
+            "YOLO_CONFIG_DIR": str(workdir / "ultralytics"),
+            "PYTHONPATH": "",
+            "OMP_NUM_THREADS": "1",
+        }
+        self.log = (workdir / f"{name}.log").open("w")
+        self.process = subprocess.Popen(
+            [python, str(REFERENCE_SCRIPT), str(job)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+        )
+        self._answer()
+
+    def _answer(self) -> dict:
+        """The script's next JSON line (its other output, the reference's log, goes to the log file)."""
+        for line in self.process.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+            self.log.write(line)
+        self.log.close()
+        log = Path(self.log.name).read_text().splitlines()[-20:]
+        sys.exit("the reference's data script stopped; the end of its log:\n" + "\n".join(log))
+
+    def round(self, count: int) -> dict:
+        self.process.stdin.write(f"{count}\n")
+        self.process.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+        self.log.close()
+
+
+def compare_with_reference(args: argparse.Namespace) -> None:
+    """Part 0 (module docstring): alternating rounds of ours and the reference's, uncached and cached."""
+    size = args.image_size
+    index = load_coco_index(args.annotations, args.images)
+    with tempfile.TemporaryDirectory() as workdir:
+        workdir = Path(workdir)
+        write_yolo_layout(index, "train", workdir / "yolo")
+        start = time.perf_counter()
+        cached = CocoDetectionDataset(index, size, TrainAugmentation(size), cache="ram")
+        fill_seconds = time.perf_counter() - start
+        sides = {
+            "ours": OurSamples(CocoDetectionDataset(index, size, TrainAugmentation(size))),
+            "reference": ReferenceSamples(
+                args.reference_python, workdir / "yolo/images/train", size, None, workdir
+            ),
+            "ours, cached": OurSamples(cached),
+            "reference, cached": ReferenceSamples(
+                args.reference_python, workdir / "yolo/images/train", size, "ram", workdir
+            ),
+        }
+        results: dict[str, list[dict]] = {name: [] for name in sides}
+        for round_number in range(args.rounds + 1):  # round 0 warms up and is left out
+            for name, side in sides.items():
+                result = side.round(args.round_images)
+                if round_number:
+                    results[name].append(result)
+        for side in sides.values():
+            if isinstance(side, ReferenceSamples):
+                side.close()
+    print(
+        f"training samples of {len(index)} images ({args.images}) at {size} px, mosaic, 1 process, 1 thread; "
+        f"median of {args.rounds} alternating rounds of {args.round_images} samples, by the wall clock (by "
+        "each process's CPU time, less sensitive to other load on the machine)"
+    )
+    rates = {}
+    for clock in ("images_per_second", "cpu_images_per_second"):
+        rates[clock] = {name: statistics.median(r[clock] for r in rounds) for name, rounds in results.items()}
+    for name, rounds in results.items():
+        decodes = sum(r["decodes"] for r in rounds) / (len(rounds) * args.round_images)
+        print(
+            f"  {name:>18}: {rates['images_per_second'][name]:6.1f} images/s "
+            f"({rates['cpu_images_per_second'][name]:6.1f}), {decodes:.2f} images decoded per sample"
+        )
+    print(
+        f"  our cache: {cached.cache.nbytes / 2**20:.1f} MiB of shared memory, filled in {fill_seconds:.1f} "
+        "s; the reference's uncached rounds read one new image per sample (its buffer emptied per round)"
+    )
+    for ours, reference in (
+        ("ours", "reference"),
+        ("ours, cached", "reference"),
+        ("ours, cached", "reference, cached"),
+    ):
+        wall, cpu = (rates[clock][ours] / rates[clock][reference] for clock in rates)
+        print(f"  {ours} / {reference}: {wall:.2f}x ({cpu:.2f}x)")
 
 
 def make_datamodule(
     image_size: int, batch_size: int, workdir: Path, num_workers: int = 0, persistent_workers: bool = True
 ) -> tuple[COCODataModule, str]:
-    common = dict(
-        image_size=image_size,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        persistent_workers=persistent_workers,
+    loader = LoaderConfig(
+        batch_size=batch_size, num_workers=num_workers, persistent_workers=persistent_workers
     )
+    common = dict(image_size=image_size, loader=loader)
     coco128 = SHARED_DATA / "coco128"
     if coco128.is_dir():
-        split = (str(coco128 / "train2017"), str(coco128 / "annotations" / "instances_train2017.json"))
-        dm = COCODataModule(*split, *split, **common)
+        split = Split(str(coco128 / "train2017"), str(coco128 / "annotations" / "instances_train2017.json"))
+        dm = COCODataModule(train=split, val=split, **common)
         return dm, "coco128 (real COCO JPEGs)"
     dm = DemoDataModule(root=str(workdir / "demo"), **common)
     dm.prepare_data()
@@ -123,9 +275,21 @@ def main() -> None:
     parser.add_argument(
         "--epochs", type=int, default=6, help="epoch starts measured per loader (first dropped)"
     )
+    parser.add_argument("--reference-python", help="python of a venv with ultralytics==8.2.103 (part 0)")
+    parser.add_argument("--images", default=str(SHARED_DATA / "coco128" / "train2017"), help="part 0")
+    parser.add_argument(
+        "--annotations", default=str(SHARED_DATA / "coco128" / "annotations" / "instances_train2017.json")
+    )
+    parser.add_argument("--rounds", type=int, default=7, help="part 0: rounds measured per side")
+    parser.add_argument("--round-images", type=int, default=64, help="part 0: samples per round")
+    parser.add_argument("--compare-only", action="store_true", help="run part 0 only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
+    if args.reference_python:
+        compare_with_reference(args)
+    if args.compare_only:
+        return
     with tempfile.TemporaryDirectory() as workdir:
         dm, source = make_datamodule(args.image_size, args.batch_size, Path(workdir))
         dm.setup("fit")
@@ -143,7 +307,8 @@ def main() -> None:
         demo.prepare_data()
 
         def demo_config(persistent: bool) -> COCODataModule:
-            dm = DemoDataModule(root=demo.root, image_size=256, num_workers=2, persistent_workers=persistent)
+            loader = LoaderConfig(num_workers=2, persistent_workers=persistent)
+            dm = DemoDataModule(root=demo.root, image_size=256, loader=loader)
             dm.setup("fit")
             return dm
 

@@ -47,8 +47,8 @@ def main() -> None:
 
     runs = {"pretrained": [], "scratch": []}
     for seed in args.seeds:
-        for start, extra in (("pretrained", {"pretrained": str(args.pretrained)}), ("scratch", {})):
-            run = fit_ours(args, "sta", seed, **extra)
+        for start, pretrained in (("pretrained", str(args.pretrained)), ("scratch", None)):
+            run = fit_ours(args, "sta", seed, pretrained=pretrained)
             runs[start].append(run)
             scores = f"mAP {run['map']:.4f}  mAP50 {run['map50']:.4f}"
             print(f"seed {seed} {start:>10}: {scores}  fit {run['seconds']:.0f} s", flush=True)

@@ -24,7 +24,10 @@ from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
 from sta_lightning.callbacks import AttentionMapsCallback, PredictionImagesCallback
-from sta_lightning.data import DemoDataModule
+from sta_lightning.checkpoint_file import read_checkpoint
+from sta_lightning.data import DemoDataModule, LoaderConfig
+from sta_lightning.models import DetectorConfig
+from sta_lightning.models.checkpoint import read_trained
 from sta_lightning.training import DetectionModule
 
 # docs file -> the run folder's plot
@@ -46,6 +49,18 @@ def read_pngs(folder: Path) -> list[np.ndarray]:
     return [np.asarray(Image.open(file).convert("RGB")) for file in files]
 
 
+def load_module(checkpoint: Path) -> tuple[DetectionModule, int | None]:
+    """The DetectionModule of a ``fit`` checkpoint with its (EMA) weights, and the image size it was trained
+    at. Validation needs the detector and its classes only, not the training recipe."""
+    content = read_checkpoint(checkpoint)
+    trained = read_trained(content, checkpoint)
+    module = DetectionModule(
+        detector=DetectorConfig(**trained.hyper_parameters["detector"]), classes=trained.classes
+    )
+    module.load_state_dict(content["state_dict"])
+    return module, trained.image_size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -56,16 +71,21 @@ def main() -> None:
         default="data/demo",
         help="the demo dataset (DemoDataModule defaults; generated if missing)",
     )
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, help="default: the checkpoint's training size")
     parser.add_argument("--num-images", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--run-folder", type=Path, help="the run with plots/ (default: from CHECKPOINT)")
     args = parser.parse_args()
     plots = (args.run_folder or args.checkpoint.resolve().parent.parent) / "plots"
 
-    module = DetectionModule.load_from_checkpoint(args.checkpoint, map_location="cpu")
+    module, trained_size = load_module(args.checkpoint)
+    image_size = args.image_size or trained_size
+    if image_size is None:
+        parser.error(f"{args.checkpoint} does not record its training size: give --image-size")
     datamodule = DemoDataModule(
-        root=args.data_root, image_size=args.image_size, batch_size=args.num_images, num_workers=0
+        root=args.data_root,
+        image_size=image_size,
+        loader=LoaderConfig(batch_size=args.num_images, num_workers=0),
     )
     with tempfile.TemporaryDirectory() as log_root:
         trainer = L.Trainer(

@@ -18,13 +18,16 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 
 from sta_lightning.callbacks import AttentionMapsCallback, COCOMetricTableCallback, PredictionImagesCallback
+from sta_lightning.callbacks.drawing import label_boundaries
 from sta_lightning.callbacks.image_logging import log_images, run_folder
-from sta_lightning.callbacks.predictions import wandb_box_group
-from sta_lightning.data import DemoDataModule
-from sta_lightning.loggers import OfflineFallbackWandbLogger, wandb_credentials_available
+from sta_lightning.callbacks.prediction_images import wandb_box_group
+from sta_lightning.data import AugmentConfig, DemoDataModule, LoaderConfig
 from sta_lightning.metrics import STAT_NAMES
+from sta_lightning.models import DetectorConfig, NMSConfig
+from sta_lightning.plugins.loggers import OfflineFallbackWandbLogger, wandb_credentials_available
+from sta_lightning.training.ema import EMAConfig
 from sta_lightning.training.module import DetectionModule
-from sta_lightning.visualize import label_boundaries
+from sta_lightning.training.optim import OptimizerConfig, WarmupConfig
 
 IMAGE_SIZE = 96
 NUM_SHOWN = 2  # images per callback
@@ -37,21 +40,23 @@ BOUNDARY_COLOR = (255, 255, 0)
 
 def demo_datamodule(root: Path) -> DemoDataModule:
     return DemoDataModule(
-        root=str(root), num_train=8, num_val=4, image_size=IMAGE_SIZE, batch_size=4, num_workers=0, mosaic=0.0
+        root=str(root),
+        num_train=8,
+        num_val=4,
+        image_size=IMAGE_SIZE,
+        loader=LoaderConfig(batch_size=4, num_workers=0),
+        augment=AugmentConfig(mosaic=0.0),
     )
 
 
 def demo_module(datamodule: DemoDataModule) -> DetectionModule:
-    # nominal batch = batch size: one optimizer step per batch; ema_tau 1: the EMA lags far behind.
+    # nominal batch = batch size: one optimizer step per batch; ema.tau 1: the EMA lags far behind.
     return DetectionModule(
-        "n",
-        sta=DEMO_STA,
-        num_classes=datamodule.num_classes,
-        class_names=datamodule.class_names,
-        category_ids=datamodule.category_ids,
-        nominal_batch_size=4,
-        warmup_epochs=0,
-        ema_tau=1.0,
+        detector=DetectorConfig("n", sta=DEMO_STA),
+        classes=datamodule.classes,
+        optimizer=OptimizerConfig(nominal_batch_size=4),
+        warmup=WarmupConfig(epochs=0),
+        ema=EMAConfig(tau=1.0),
     )
 
 
@@ -154,7 +159,7 @@ def _labelled_boxes(captions, boxes) -> tuple:
 
 
 def test_prediction_boxes_ground_truth(offline_fit):
-    names = offline_fit["module"].class_names
+    names = offline_fit["module"].classes.names
     payloads = [p for p in _box_files(offline_fit) if not any("scores" in box for box in p["box_data"])]
     expected = {
         _labelled_boxes([names[int(label)] for label in s["labels"]], s["boxes"].tolist())
@@ -181,14 +186,16 @@ def test_prediction_boxes_come_from_the_validated_ema_weights(offline_fit):
     for payload in predicted:
         for box in payload["box_data"]:
             name, score = box["box_caption"].rsplit(" ", 1)
-            assert name == module.class_names[box["class_id"]] and score == f"{box['scores']['conf']:.2f}"
+            assert name == module.classes.names[box["class_id"]] and score == f"{box['scores']['conf']:.2f}"
 
     images = torch.stack([sample["image"] for sample in offline_fit["samples"]])
 
     def scores(model_state=None):
         if model_state is not None:
             module.model.load_state_dict(model_state)
-        detections = module.predict_batch(images, conf_threshold=0.0, max_det=20, multi_label=False)
+        detections = module.predict_batch(
+            images, NMSConfig(conf_threshold=0.0, max_det=20, multi_label=False)
+        )
         return {tuple(d[:, 4].tolist()) for d in detections}
 
     ema_scores = scores()  # after fit the module holds the EMA weights
@@ -205,15 +212,15 @@ def test_coco_metric_tables_and_best_map(offline_fit):
     assert last["columns"] == ["metric", "description", "value"]
     assert [row[0] for row in last["data"]] == list(STAT_NAMES)
     assert [row[2] for row in last["data"]] == pytest.approx(
-        [module.coco_metrics[name] for name in STAT_NAMES]
+        [module.evaluation.metrics[name] for name in STAT_NAMES]
     )
 
     per_class = sorted(tables.glob("coco_per_class_*.table.json"), key=lambda p: int(p.name.split("_")[3]))
     rows = json.loads(per_class[-1].read_text())
     assert rows["columns"] == ["class_index", "category_id", "class", "AP"]
-    assert [row[2] for row in rows["data"]] == module.class_names
+    assert [row[2] for row in rows["data"]] == module.classes.names
     assert [row[3] for row in rows["data"]] == pytest.approx(
-        [module.coco_metrics["map_per_class"][cid] for cid in module.category_ids]
+        [module.evaluation.metrics["map_per_class"][cid] for cid in module.classes.category_ids]
     )
     maps = [json.loads(p.read_text())["data"][0][2] for p in stat_tables]
     assert offline_fit["summary"]["best/mAP"] == pytest.approx(max(maps))

@@ -15,9 +15,10 @@ from fault_injection import STALLED_MARKER
 
 from sta_lightning.__main__ import main as package_main
 from sta_lightning.checkpoint_file import CheckpointError, read_checkpoint, write_checkpoint
+from sta_lightning.classes import Classes
 from sta_lightning.cli import main
 from sta_lightning.data import DemoDataModule
-from sta_lightning.models import YOLOv8, load_pretrained
+from sta_lightning.models import DetectorConfig, YOLOv8, load_pretrained
 from sta_lightning.training import DetectionModule
 
 TESTS = Path(__file__).parent
@@ -51,7 +52,7 @@ def files(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("variant", ["first_half", "random_bytes_in_the_middle", "empty", "not_a_checkpoint"])
 def test_a_damaged_checkpoint_is_named_in_the_error(files, variant):
-    assert read_checkpoint(files["checkpoint"])["hyper_parameters"]["num_classes"] == 5
+    assert read_checkpoint(files["checkpoint"])["hyper_parameters"]["classes"]["names"] == list("01234")
     with pytest.raises(CheckpointError, match=rf"checkpoint {files[variant]} is damaged.*earlier checkpoint"):
         read_checkpoint(files[variant])
     with pytest.raises(FileNotFoundError, match="absent.ckpt does not exist"):
@@ -75,7 +76,7 @@ def test_torch_alone_loads_bytes_changed_inside_a_tensor_silently(files):
         ("predict", "not_a_checkpoint"),
     ],
 )
-def test_the_cli_refuses_a_damaged_ckpt_path(files, subcommand, variant):
+def test_the_cli_refuses_a_damaged_ckpt_path(files, subcommand, variant, capsys):
     root = files["root"]
     arguments = [subcommand, f"--ckpt_path={files[variant]}", "--trainer.accelerator=cpu"]
     arguments += ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.max_epochs=1"]
@@ -83,14 +84,16 @@ def test_the_cli_refuses_a_damaged_ckpt_path(files, subcommand, variant):
     if subcommand == "predict":  # bare images: the classes come from the checkpoint, read first
         arguments += [
             "--data=sta_lightning.data.COCODataModule",
-            f"--data.predict_images={root / 'demo/val'}",
+            f"--data.predict.images={root / 'demo/val'}",
         ]
     else:
         arguments += ["--data=sta_lightning.data.DemoDataModule", f"--data.root={root / 'demo'}"]
         arguments += ["--data.num_train=4", "--data.num_val=4"]
-    arguments += ["--data.image_size=64", "--data.batch_size=2", "--data.num_workers=0"]
-    with pytest.raises(CheckpointError, match=rf"checkpoint {files[variant]} is damaged"):
+    arguments += ["--data.image_size=64", "--data.loader.batch_size=2", "--data.loader.num_workers=0"]
+    with pytest.raises(SystemExit) as exit_info:
         main(arguments)
+    assert exit_info.value.code == 2
+    assert f"checkpoint {files[variant]} is damaged" in capsys.readouterr().err
 
 
 def test_export_refuses_a_damaged_checkpoint(files, capsys):
@@ -104,7 +107,7 @@ def test_pretrained_weights_refuse_a_damaged_checkpoint(files):
     with pytest.raises(CheckpointError, match=rf"checkpoint {files['first_half']} is damaged"):
         load_pretrained(YOLOv8("n", 5), files["first_half"])
     with pytest.raises(CheckpointError, match=rf"checkpoint {files['empty']} is damaged"):
-        DetectionModule(num_classes=5, pretrained=str(files["empty"]))
+        DetectionModule(detector=DetectorConfig(pretrained=str(files["empty"])), classes=Classes.anonymous(5))
 
 
 def test_write_checkpoint_replaces_the_file_whole(tmp_path):
@@ -124,11 +127,19 @@ def test_sigkill_while_writing_last_ckpt_keeps_the_previous_one(tmp_path):
         "--trainer.enable_progress_bar=false",
         "--trainer.logger=false",
     ]
-    common += ["--model.sta=null", "--model.warmup_epochs=0", "--model.nominal_batch_size=4"]
+    common += [
+        "--model.detector.sta=null",
+        "--model.warmup.epochs=0",
+        "--model.optimizer.nominal_batch_size=4",
+    ]
     common += ["--data=sta_lightning.data.DemoDataModule", f"--data.root={tmp_path / 'demo'}"]
-    common += ["--data.num_train=8", "--data.num_val=4", "--data.image_size=64", "--data.batch_size=4"]
+    common += ["--data.num_train=8", "--data.num_val=4", "--data.image_size=64", "--data.loader.batch_size=4"]
     # save_top_k -1: Lightning 2.6 rewrites last.ckpt only in an epoch that also saves a top-k checkpoint.
-    common += ["--data.num_workers=0", "--checkpoint.dirpath=checkpoints", "--checkpoint.save_top_k=-1"]
+    common += [
+        "--data.loader.num_workers=0",
+        "--checkpoint.dirpath=checkpoints",
+        "--checkpoint.save_top_k=-1",
+    ]
     stall = {"class_path": "fault_injection.StalledCheckpointWrite", "init_args": {"from_epoch": 1}}
     command = [sys.executable, "-m", "sta_lightning", "fit", *common]
     command += [

@@ -5,17 +5,24 @@ import copy
 import csv
 import json
 import math
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from detector_checkpoint import write_scoring_checkpoint
 from lightning.pytorch import Callback
 from pycocotools.coco import COCO
 
 from sta_lightning.cli import main
 from sta_lightning.data import DemoDataModule
-from sta_lightning.data.transforms import letterbox, read_image, resize_long_side
+from sta_lightning.geometry import letterbox, read_image, resize_long_side
+from sta_lightning.models import NMSConfig
+from sta_lightning.moved_keys import moved_in_arguments, moved_in_section
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 IMAGE_SIZE = 128
 # 12 training images in batches of 4 = 3 iterations per epoch; nominal batch 8 = 2 batches per optimizer step
@@ -28,14 +35,14 @@ TRAIN_ARGS = [
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
     "--trainer.log_every_n_steps=1",
-    "--model.model_scale=n",
-    "--model.sta=[{layer: 8, stoken_size: [1, 1], num_heads: 2}]",
-    "--model.optimizer=AdamW",
-    "--model.lr0=0.002",
-    "--model.momentum=0.9",
-    "--model.nominal_batch_size=8",
-    "--model.warmup_epochs=0",
-    "--model.ema_tau=5",
+    "--model.detector.scale=n",
+    "--model.detector.sta=[{layer: 8, stoken_size: [1, 1], num_heads: 2}]",
+    "--model.optimizer.name=AdamW",
+    "--model.optimizer.lr0=0.002",
+    "--model.optimizer.momentum=0.9",
+    "--model.optimizer.nominal_batch_size=8",
+    "--model.warmup.epochs=0",
+    "--model.ema.tau=5",
     "--checkpoint.save_top_k=-1",
 ]
 
@@ -47,8 +54,8 @@ def data_args(root: Path) -> list[str]:
         "--data.num_train=12",
         "--data.num_val=9",
         f"--data.image_size={IMAGE_SIZE}",
-        "--data.batch_size=4",
-        "--data.num_workers=0",
+        "--data.loader.batch_size=4",
+        "--data.loader.num_workers=0",
     ]
 
 
@@ -69,7 +76,7 @@ class TrainingStateRecorder(Callback):
             "ema": {k: v.clone() for k, v in pl_module.ema.state_dict().items()},
             "optimizer": copy.deepcopy(pl_module.optimizers().optimizer.state_dict()),
             "gradients": {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None},
-            "last_optimizer_step": pl_module.last_optimizer_step,
+            "last_optimizer_step": pl_module.accumulation.last_optimizer_step,
             "schedule": pl_module.schedule,
             "step_settings": pl_module.schedule.at(iteration, trainer.current_epoch),
             "mosaic": trainer.datamodule.datasets["train"].mosaic_enabled,
@@ -117,7 +124,12 @@ def test_fit_learns_and_writes_checkpoints(trained):
 
     checkpoint = torch.load(log_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 3  # steps at iterations 1, 3, 5
-    assert checkpoint["hyper_parameters"]["class_names"] == ["circle", "square", "triangle", "star", "cross"]
+    assert checkpoint["hyper_parameters"]["classes"] == {
+        "names": ["circle", "square", "triangle", "star", "cross"],
+        "category_ids": [1, 2, 3, 4, 5],
+    }
+    assert checkpoint["hyper_parameters"]["detector"]["pretrained"] is None
+    assert checkpoint["image_size"] == IMAGE_SIZE  # the default input size of predict and export
     # EMA weights in state_dict (validation uses them), raw ones beside, one EMA update per optimizer step.
     assert int(checkpoint["averaging_state"]["n_averaged"]) - 1 == 3
     ema, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
@@ -166,7 +178,9 @@ def test_validate_from_checkpoint_needs_only_the_data(trained):
     # The fit-only EMA callback's state is not asked for: no "add the following callbacks" warning.
     assert not [w for w in caught if "callbacks used to create the checkpoint" in str(w.message)]
     # The model was rebuilt from the checkpoint's hyperparameters (an STA block after layer 8 only) ...
-    assert list(cli.model.model.sta.keys()) == ["layer8"] and cli.model.hparams.optimizer == "AdamW"
+    assert (
+        list(cli.model.model.sta.keys()) == ["layer8"] and cli.model.hparams["optimizer"]["name"] == "AdamW"
+    )
     # ... with the checkpoint's EMA weights, which give the metrics the last validation of the fit logged.
     checkpoint = torch.load(log_dir / "checkpoints" / "last.ckpt", weights_only=True)
     weights = cli.model.state_dict()
@@ -188,9 +202,12 @@ def test_predict_writes_coco_json_in_original_pixels(trained):
             f"--ckpt_path={log_dir / 'checkpoints' / 'last.ckpt'}",
             "--data=sta_lightning.data.COCODataModule",
         ]
-        + [f"--data.predict_images={json.dumps([str(p) for p in images])}", f"--data.image_size={IMAGE_SIZE}"]
-        + ["--data.num_workers=0", "--trainer.accelerator=cpu", "--trainer.logger=false"]
-        + ["--model.predict_conf_threshold=0.0001"]  # NMS settings are not in the checkpoint: this applies
+        # No data.image_size: the size the checkpoint was trained at.
+        + [f"--data.predict.images={json.dumps([str(p) for p in images])}"]
+        + ["--data.loader.num_workers=0", "--trainer.accelerator=cpu", "--trainer.logger=false"]
+        + [
+            "--model.predict_nms.conf_threshold=0.0001"
+        ]  # NMS settings are not in the checkpoint: this applies
         + [
             f"--prediction.output_dir={output}",
             "--prediction.render=true",
@@ -198,6 +215,7 @@ def test_predict_writes_coco_json_in_original_pixels(trained):
             f"--trainer.default_root_dir={root / 'predicted'}",
         ]
     )
+    assert cli.datamodule.image_size == IMAGE_SIZE
     index = COCO(str(output / "images.json"))
     results = index.loadRes(str(output / "predictions.json"))  # pycocotools accepts the files as COCO
     assert [index.imgs[i]["file_name"] for i in sorted(index.imgs)] == [p.name for p in images]
@@ -215,7 +233,9 @@ def test_predict_writes_coco_json_in_original_pixels(trained):
         padded, pad = letterbox(resized, IMAGE_SIZE)
         letterboxed.append(torch.from_numpy(padded).permute(2, 0, 1))
         geometry.append((original.shape[:2], scale, pad))
-    found = cli.model.predict_batch(torch.stack(letterboxed), conf_threshold=0.0001, multi_label=False)
+    found = cli.model.predict_batch(
+        torch.stack(letterboxed), NMSConfig(conf_threshold=0.0001, multi_label=False)
+    )
     for image_id, info in index.imgs.items():
         (height, width), scale, (pad_x, pad_y) = geometry[image_id]
         assert (info["height"], info["width"]) == (height, width)
@@ -232,7 +252,7 @@ def test_bf16_mixed_precision_fit_with_the_default_sta(tmp_path):
     # The CPU runs autocast in bf16 (fp16 AMP with its GradScaler needs a GPU): STA blocks at P4/P5,
     # clipping and EMA under autocast give finite losses and a validation with finite metrics.
     cli = main(
-        ["fit", *TRAIN_ARGS, *data_args(tmp_path / "demo"), "--model.sta=default"]
+        ["fit", *TRAIN_ARGS, *data_args(tmp_path / "demo"), "--model.detector.sta=default"]
         + ["--trainer.precision=bf16-mixed", "--trainer.max_epochs=1", "--trainer.logger=false"]
         + [f"--trainer.default_root_dir={tmp_path / 'run'}"]
     )
@@ -247,3 +267,108 @@ def test_bf16_mixed_precision_fit_with_the_default_sta(tmp_path):
     ):
         assert torch.isfinite(metrics[name]), name
     assert all(torch.isfinite(p).all() for p in cli.model.parameters())
+
+
+OLD_CONFIG = """\
+model:
+  model_scale: s
+  sta: default
+  optimizer: AdamW
+  lr0: 0.002
+  ema: false
+data:
+  class_path: sta_lightning.data.DemoDataModule
+  init_args:
+    batch_size: 4
+    mosaic: 0.5
+"""
+
+
+def test_moved_keys_are_found_in_config_sections_and_flags():
+    assert moved_in_section("model", {"model_scale": "s", "optimizer": "AdamW", "ema": False}) == [
+        "model.model_scale -> model.detector.scale",
+        "model.optimizer -> model.optimizer.name",
+        "model.ema -> model.ema.enabled",
+    ]
+    # optimizer, ema and compile are group names now: a mapping under them is the new layout.
+    assert moved_in_section("model", {"optimizer": {"name": "SGD"}, "ema": {"tau": 5}, "compile": {}}) == []
+    assert moved_in_section("data", {"init_args": {"train_images": "a", "batch_size": 4, "root": "r"}}) == [
+        "data.train_images -> data.train.images",
+        "data.batch_size -> data.loader.batch_size",
+    ]
+    flags = [
+        "--model.lr0=0.1",
+        "--model.optimizer.lr0=0.1",
+        "--data.init_args.close_mosaic=2",
+        "--data.root=x",
+    ]
+    assert moved_in_arguments(flags) == [
+        "--model.lr0 -> --model.optimizer.lr0",
+        "--data.init_args.close_mosaic -> --data.augment.close_mosaic",
+    ]
+
+
+def test_the_cli_refuses_an_old_config_naming_each_moved_key(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text(OLD_CONFIG)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(old), "--model.warmup_epochs=0"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "docs/configuration.md" in error
+    for moved in (
+        f"{old}: model.model_scale -> model.detector.scale",
+        f"{old}: model.sta -> model.detector.sta",
+        f"{old}: model.optimizer -> model.optimizer.name",
+        f"{old}: model.lr0 -> model.optimizer.lr0",
+        f"{old}: model.ema -> model.ema.enabled",
+        f"{old}: data.batch_size -> data.loader.batch_size",
+        f"{old}: data.mosaic -> data.augment.mosaic",
+        "--model.warmup_epochs -> --model.warmup.epochs",
+    ):
+        assert moved in error, moved
+
+
+def test_old_config_keys_fail_in_a_fresh_process_too(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  model_scale: s\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "sta_lightning", "fit", "--config", str(old)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2 and "model.model_scale -> model.detector.scale" in result.stderr
+
+
+def test_the_cli_refuses_a_checkpoint_of_the_flat_layout_naming_it(tmp_path, capsys):
+    content = torch.load(write_scoring_checkpoint(tmp_path / "model.ckpt"), weights_only=True)
+    content["hyper_parameters"] = {"model_scale": "n", "sta": None, "num_classes": 5, "lr0": 0.01}
+    old = tmp_path / "old.ckpt"
+    torch.save(content, old)
+    DemoDataModule(root=str(tmp_path / "demo"), num_train=2, num_val=2).prepare_data()
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["validate", f"--ckpt_path={old}", "--trainer.accelerator=cpu", "--trainer.logger=false"]
+            + data_args(tmp_path / "demo")
+        )
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"checkpoint {old} was written by sta_lightning 0.1" in error and "model.detector.scale" in error
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [
+        ["demo.yaml"],
+        *[["coco.yaml", f"yolov8{scale}{sta}.yaml"] for scale in "nsmlx" for sta in ("", "-sta")],
+    ],
+    ids=lambda configs: "+".join(configs),
+)
+def test_the_shipped_configs_parse(configs, capsys):
+    arguments = [argument for name in configs for argument in ("--config", str(REPO_ROOT / "configs" / name))]
+    assert moved_in_arguments(arguments) == []
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *arguments, "--print_config"])
+    assert exit_info.value.code == 0
+    assert "detector:" in capsys.readouterr().out

@@ -15,9 +15,12 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.model_summary import summarize
 
 from sta_lightning.callbacks import DatasetStatisticsCallback, EvaluationPlotsCallback
-from sta_lightning.data import DemoDataModule
-from sta_lightning.loggers import OfflineFallbackWandbLogger
+from sta_lightning.data import AugmentConfig, DemoDataModule, LoaderConfig
+from sta_lightning.models import DetectorConfig
+from sta_lightning.plugins.loggers import OfflineFallbackWandbLogger
+from sta_lightning.training.evaluation import detections_to_original
 from sta_lightning.training.module import DetectionModule
+from sta_lightning.training.optim import OptimizerConfig, WarmupConfig
 
 IMAGE_SIZE = 128
 EPOCHS = 2
@@ -40,7 +43,7 @@ class OracleDetectionModule(DetectionModule):
 
     def validation_step(self, batch, batch_idx):
         generator = torch.Generator().manual_seed(1000 * self.current_epoch + batch_idx)
-        num_classes = self.hparams.num_classes
+        num_classes = self.classes.num_classes
         found = []
         for index in range(len(batch["image_ids"])):
             own = batch["batch_idx"] == index
@@ -68,7 +71,7 @@ class OracleDetectionModule(DetectionModule):
                     ]
                 )
             )
-        self.evaluator.update(batch["image_ids"], self.detections_to_original(found, batch))
+        self.evaluation.evaluator.update(batch["image_ids"], detections_to_original(found, batch))
 
 
 @pytest.fixture(scope="module")
@@ -79,18 +82,14 @@ def dashboard_fit(tmp_path_factory):
         num_train=8,
         num_val=9,
         image_size=IMAGE_SIZE,
-        batch_size=4,
-        num_workers=0,
-        mosaic=0.0,
+        loader=LoaderConfig(batch_size=4, num_workers=0),
+        augment=AugmentConfig(mosaic=0.0),
     )
     module = OracleDetectionModule(
-        "n",
-        sta=None,
-        num_classes=datamodule.num_classes,
-        class_names=datamodule.class_names,
-        category_ids=datamodule.category_ids,
-        nominal_batch_size=4,
-        warmup_epochs=0,
+        detector=DetectorConfig("n", sta=None),
+        classes=datamodule.classes,
+        optimizer=OptimizerConfig(nominal_batch_size=4),
+        warmup=WarmupConfig(epochs=0),
     )
     csv_logger = CSVLogger(str(tmp), name="run")
     wandb_logger = OfflineFallbackWandbLogger(project="sta-test", save_dir=str(tmp))
@@ -142,7 +141,7 @@ def test_run_folder_holds_every_chart_as_png_and_csv(dashboard_fit):
 
 
 def test_map50_from_the_pr_curve_points(dashboard_fit):
-    metrics = dashboard_fit["module"].coco_metrics
+    metrics = dashboard_fit["module"].evaluation.metrics
     assert 0.1 < metrics["map_50"] < 0.95  # a curve with shape
     for name, stat, logged in (
         ("pr_curve_iou50", "map_50", "val/mAP50"),
@@ -221,13 +220,13 @@ def test_confusion_matrix_counts_every_object(dashboard_fit):
     assert [row[0] for row in rows] == [*CLASS_NAMES, "background"]
     matrix = np.array([row[1:] for row in rows], dtype=np.int64)
     np.testing.assert_array_equal(matrix[:-1].sum(axis=1), objects)
-    np.testing.assert_array_equal(matrix, dashboard_fit["module"].coco_metrics["confusion_matrix"])
+    np.testing.assert_array_equal(matrix, dashboard_fit["module"].evaluation.metrics["confusion_matrix"])
     _, normalized = read_csv(dashboard_fit["plots"] / "val" / "confusion_matrix_normalized.csv")
     np.testing.assert_allclose(np.array([row[1:] for row in normalized], dtype=float)[:-1].sum(axis=1), 1.0)
 
 
 def test_ap_per_class_chart(dashboard_fit):
-    metrics = dashboard_fit["module"].coco_metrics
+    metrics = dashboard_fit["module"].evaluation.metrics
     columns, rows = read_csv(dashboard_fit["plots"] / "val" / "ap_per_class.csv")
     assert columns == ["class", "category_id", "AP50_95", "AP50"]
     assert [float(row[2]) for row in rows] == pytest.approx(

@@ -1,10 +1,12 @@
 """Training data: draws that depend on (seed, epoch, index) only, epoch order, close_mosaic, valid targets."""
 
+from dataclasses import fields
+
 import pytest
 import torch
 
-from sta_lightning.data import DemoDataModule
-from sta_lightning.data import coco as coco_module
+from sta_lightning.data import AugmentConfig, DemoDataModule, LoaderConfig
+from sta_lightning.data.index_cache import CACHE_DIR_ENV
 from sta_lightning.data.transforms import letterbox
 
 
@@ -17,11 +19,23 @@ def demo_root(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(coco_module.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
 
 
 def _train_data(root, **kwargs) -> DemoDataModule:
-    dm = DemoDataModule(root=str(root), num_train=24, num_val=4, image_size=160, **kwargs)
+    """The demo's training data at 160 px; ``kwargs`` are fields of LoaderConfig or AugmentConfig."""
+    groups = {
+        group: {name: value for name, value in kwargs.items() if name in {f.name for f in fields(group)}}
+        for group in (LoaderConfig, AugmentConfig)
+    }
+    dm = DemoDataModule(
+        root=str(root),
+        num_train=24,
+        num_val=4,
+        image_size=160,
+        loader=LoaderConfig(**groups[LoaderConfig]),
+        augment=AugmentConfig(**groups[AugmentConfig]),
+    )
     dm.setup("fit")
     return dm
 

@@ -10,10 +10,19 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from sta_lightning.data import AnnotationError, COCODataModule, DataWarning, boxes_to_original
-from sta_lightning.data import coco as coco_module
-from sta_lightning.data.coco import load_coco_index
+from sta_lightning.data import (
+    AnnotationError,
+    COCODataModule,
+    DataWarning,
+    LoaderConfig,
+    PredictSource,
+    Split,
+)
+from sta_lightning.data import coco_index as coco_index_module
+from sta_lightning.data.coco_index import load_coco_index
 from sta_lightning.data.demo import annotation_path, generate_demo_dataset
+from sta_lightning.data.index_cache import CACHE_DIR_ENV
+from sta_lightning.geometry import boxes_to_original
 
 COCO128 = ("coco128/train2017", "coco128/annotations/instances_train2017.json")
 TINY_VAL = ("coco-tiny-val2017/val2017", "coco-tiny-val2017/annotations/instances_val2017.json")
@@ -21,7 +30,7 @@ TINY_VAL = ("coco-tiny-val2017/val2017", "coco-tiny-val2017/annotations/instance
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(coco_module.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
 
 
 @pytest.mark.parametrize(
@@ -50,9 +59,14 @@ def test_real_counts_categories_and_crowd(shared_data, split, images, annotation
 def test_letterbox_round_trip_and_empty_images(shared_data):
     image_dir, annotation_file = (str(shared_data / p) for p in COCO128)
     dm = COCODataModule(
-        val_images=image_dir, val_annotations=annotation_file, image_size=320, batch_size=64, num_workers=0
+        val=Split(image_dir, annotation_file),
+        image_size=320,
+        loader=LoaderConfig(batch_size=64, num_workers=0),
     )
-    assert dm.num_classes == 80 and dm.category_ids[:3] == [1, 2, 3] and dm.class_names[0] == "person"
+    classes = dm.classes
+    assert (
+        classes.num_classes == 80 and classes.category_ids[:3] == [1, 2, 3] and classes.names[0] == "person"
+    )
     dm.setup("validate")
     reference = COCO(annotation_file)
     seen, empty = 0, 0
@@ -61,13 +75,13 @@ def test_letterbox_round_trip_and_empty_images(shared_data):
         for b, image_id in enumerate(batch["image_ids"].tolist()):
             info = reference.imgs[image_id]
             assert batch["orig_sizes"][b].tolist() == [info["height"], info["width"]]
-            assert batch["scales"][b].item() == pytest.approx(320 / max(info["height"], info["width"]))
+            assert batch["ratios"][b].item() == pytest.approx(320 / max(info["height"], info["width"]))
             pad_x, pad_y = batch["pads"][b].long().tolist()
             assert (batch["images"][b, :, :pad_y, :] == 114).all() and (
                 batch["images"][b, :, :, :pad_x] == 114
             ).all()
             boxes = batch["bboxes"][batch["batch_idx"] == b]
-            back = boxes_to_original(boxes, batch["scales"][b], batch["pads"][b], batch["orig_sizes"][b])
+            back = boxes_to_original(boxes, batch["ratios"][b], batch["pads"][b], batch["orig_sizes"][b])
             expected = [a["bbox"] for a in reference.imgToAnns[image_id] if not a["iscrowd"]]
             expected = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in expected]).reshape(-1, 4)
             assert torch.allclose(back, expected.float(), atol=1.0)
@@ -121,11 +135,9 @@ def test_bad_images_are_left_out_with_one_warning(source, tmp_path, monkeypatch)
 
     with pytest.warns(DataWarning) as record:
         dm = COCODataModule(
-            train_images=str(image_dir),
-            train_annotations=str(annotation_file),
+            train=Split(str(image_dir), str(annotation_file)),
             image_size=256,
-            batch_size=4,
-            num_workers=0,
+            loader=LoaderConfig(batch_size=4, num_workers=0),
         )
         dm.setup("fit")
     [message] = [str(w.message) for w in record]
@@ -141,7 +153,7 @@ def test_bad_images_are_left_out_with_one_warning(source, tmp_path, monkeypatch)
     def no_scan(*args, **kwargs):
         raise AssertionError("images scanned again")
 
-    monkeypatch.setattr(coco_module, "_scan_images", no_scan)
+    monkeypatch.setattr(coco_index_module, "scan_images", no_scan)
     with pytest.warns(DataWarning, match="2 of 12 images"):
         assert len(load_coco_index(annotation_file, image_dir)) == 10
     annotation_file.write_text(annotation_file.read_text() + "\n")  # a changed file invalidates the cache
@@ -202,16 +214,20 @@ def test_malformed_annotation_file_errors_name_file_and_field(source, tmp_path, 
 
 def test_missing_files_and_stages_without_data(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.json"):
-        COCODataModule(val_annotations=str(tmp_path / "nowhere.json"))
-    dm = COCODataModule(predict_images=str(tmp_path / "no_such_folder"))
+        COCODataModule(val=Split(str(tmp_path), str(tmp_path / "nowhere.json")))
+    dm = COCODataModule(predict=PredictSource(str(tmp_path / "no_such_folder")))
     with pytest.raises(RuntimeError, match="no annotation file"):
-        _ = dm.num_classes
-    with pytest.raises(ValueError, match="'fit' needs train_images and train_annotations"):
+        _ = dm.classes
+    with pytest.raises(ValueError, match=r"'fit' needs the data's train split \(images and annotations\)"):
         dm.setup("fit")
-    with pytest.raises(ValueError, match="'predict' needs predict_images"):
+    with pytest.raises(ValueError, match="'validate' needs the data's val split"):
+        dm.setup("validate")
+    with pytest.raises(ValueError, match=r"'test' needs the data's test \(or val\) split"):
+        dm.setup("test")
+    with pytest.raises(ValueError, match="'predict' needs data.predict.images"):
         COCODataModule().setup("predict")
-    with pytest.raises(ValueError, match="give test_images and test_annotations together"):
-        COCODataModule(test_images=str(tmp_path))
+    with pytest.raises(ValueError, match="data.image_size: the input size must be a positive multiple of 32"):
+        COCODataModule(image_size=100)
 
 
 def test_predict_folder_skips_corrupt_files(source, tmp_path):
@@ -221,13 +237,15 @@ def test_predict_folder_skips_corrupt_files(source, tmp_path):
     for source in sources:
         shutil.copy(source, folder)
     (folder / "broken.jpg").write_bytes(b"not an image")
-    dm = COCODataModule(predict_images=str(folder), image_size=320, batch_size=8, num_workers=0)
+    dm = COCODataModule(
+        predict=PredictSource(str(folder)), image_size=320, loader=LoaderConfig(batch_size=8, num_workers=0)
+    )
     with pytest.warns(DataWarning, match=r"1 of 4 images to predict .*broken\.jpg \(corrupt"):
         dm.setup("predict")
     batch = next(iter(dm.predict_dataloader()))
     assert batch["images"].shape == (3, 3, 320, 320) and batch["image_ids"].tolist() == [0, 1, 2]
     assert batch["paths"] == [str(folder / s.name) for s in sources]
-    assert batch["scales"].tolist() == pytest.approx(
+    assert batch["ratios"].tolist() == pytest.approx(
         [320 / max(h, w) for h, w in batch["orig_sizes"].tolist()]
     )
 
@@ -237,7 +255,11 @@ def test_category_names_that_differ_between_splits_warn(source, tmp_path):
     data["categories"][0]["name"] = "renamed"
     val_file = tmp_path / "renamed.json"
     val_file.write_text(json.dumps(data))
-    dm = COCODataModule(str(image_dir), str(train_file), str(image_dir), str(val_file), num_workers=0)
+    dm = COCODataModule(
+        train=Split(str(image_dir), str(train_file)),
+        val=Split(str(image_dir), str(val_file)),
+        loader=LoaderConfig(num_workers=0),
+    )
     # The classes come from the validation file (the first one read); the training file is the odd one out.
     expected = r"instances.json: the same category ids carry other names .* annotation file given \['renamed'"
     with pytest.warns(DataWarning, match=expected):
@@ -251,7 +273,7 @@ def test_an_image_info_file_as_evaluation_split_warns_that_nothing_is_annotated(
     del data["annotations"]
     info_file = tmp_path / "image_info.json"
     info_file.write_text(json.dumps(data))
-    dm = COCODataModule(val_images=str(image_dir), val_annotations=str(info_file), num_workers=0)
+    dm = COCODataModule(val=Split(str(image_dir), str(info_file)), loader=LoaderConfig(num_workers=0))
     expected = r"image_info\.json: no object is annotated, so 'validate' has nothing"
     with pytest.warns(DataWarning, match=expected):
         dm.setup("validate")
@@ -260,14 +282,13 @@ def test_an_image_info_file_as_evaluation_split_warns_that_nothing_is_annotated(
 
 def test_prepare_data_scans_once_so_setup_reads_the_cache(source, tmp_path, monkeypatch):
     image_dir, annotation_file, _ = _small_copy(source, tmp_path, count=4)
-    dm = COCODataModule(
-        str(image_dir), str(annotation_file), str(image_dir), str(annotation_file), num_workers=0
-    )
+    split = Split(str(image_dir), str(annotation_file))
+    dm = COCODataModule(train=split, val=split, loader=LoaderConfig(num_workers=0))
     dm.prepare_data()  # Lightning: local rank 0 of each node, before every rank's setup
 
     def no_scan(*args, **kwargs):
         raise AssertionError("images scanned again")
 
-    monkeypatch.setattr(coco_module, "_scan_images", no_scan)
+    monkeypatch.setattr(coco_index_module, "scan_images", no_scan)
     dm.setup("fit")
     assert len(dm.datasets["train"]) == len(dm.datasets["val"]) == 4

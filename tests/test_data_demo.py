@@ -5,9 +5,10 @@ import json
 import numpy as np
 from pycocotools.coco import COCO
 
-from sta_lightning.data import DemoDataModule
-from sta_lightning.data import coco as coco_module
-from sta_lightning.data.demo import DEMO_CLASS_NAMES, generate_demo_dataset, main
+from sta_lightning.classes import Classes
+from sta_lightning.data import DemoDataModule, LoaderConfig
+from sta_lightning.data.demo import DEMO_CATEGORY_IDS, DEMO_CLASS_NAMES, generate_demo_dataset, main
+from sta_lightning.data.index_cache import CACHE_DIR_ENV
 
 
 def _files(root):
@@ -42,10 +43,13 @@ def test_generation_is_deterministic_and_valid_coco(tmp_path):
 
 
 def test_demo_datamodule_generates_on_prepare_data(tmp_path, monkeypatch):
-    monkeypatch.setenv(coco_module.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
     root = tmp_path / "demo"
-    dm = DemoDataModule(root=str(root), num_train=8, num_val=3, num_workers=0, batch_size=4)
-    assert dm.num_classes == 5 and dm.class_names == list(DEMO_CLASS_NAMES)  # before any file exists
+    dm = DemoDataModule(
+        root=str(root), num_train=8, num_val=3, loader=LoaderConfig(batch_size=4, num_workers=0)
+    )
+    # before any file exists
+    assert dm.classes == Classes(list(DEMO_CLASS_NAMES), list(DEMO_CATEGORY_IDS))
     dm.prepare_data()
     annotation_file = root / "annotations" / "instances_train.json"
     stamp = annotation_file.stat().st_mtime_ns

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from sta_lightning.metrics.dataset_statistics import aspect_bins, histogram, size_bins, split_statistics
+from sta_lightning.data.statistics import aspect_bins, histogram, size_bins, split_statistics
 
 
 def test_split_statistics():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from detector_checkpoint import write_scoring_checkpoint
+from detector_checkpoint import STA, write_scoring_checkpoint
 from distributed_helpers import (
     free_port,
     logger_arg,
@@ -34,7 +34,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
 TIMEOUT_S = 300
 NUM_TRAIN, NUM_VAL = 8, 7  # 7: the distributed sampler pads rank 1 with a repeated validation image
-STA = [{"layer": 8, "stoken_size": [1, 1], "num_heads": 2}]  # as in write_scoring_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +55,10 @@ def fit_config(tmp_path_factory) -> Path:
             "enable_model_summary": False,
         },
         "model": {
-            "sta": STA,
-            "pretrained": str(write_scoring_checkpoint(root / "start.ckpt")),
-            "nominal_batch_size": 32,
-            "warmup_epochs": 0,
-            "gradient_clip_norm": 0.0,
+            "detector": {"sta": STA, "pretrained": str(write_scoring_checkpoint(root / "start.ckpt"))},
+            "optimizer": {"nominal_batch_size": 32},
+            "warmup": {"epochs": 0},
+            "step": {"gradient_clip_norm": 0.0},
         },
         "data": {
             "class_path": "sta_lightning.data.DemoDataModule",
@@ -69,8 +67,8 @@ def fit_config(tmp_path_factory) -> Path:
                 "num_train": NUM_TRAIN,
                 "num_val": NUM_VAL,
                 "image_size": 64,
-                "num_workers": 0,
-                **augmentation_off,
+                "loader": {"num_workers": 0},
+                "augment": augmentation_off,
             },
         },
     }
@@ -81,7 +79,7 @@ def fit_config(tmp_path_factory) -> Path:
 
 def run_args(out: Path, batch_size: int) -> list[str]:
     """The per-run arguments: batch size, and checkpoints, logs and config under ``out``."""
-    return [f"--data.batch_size={batch_size}", f"--trainer.default_root_dir={out}", logger_arg(out)]
+    return [f"--data.loader.batch_size={batch_size}", f"--trainer.default_root_dir={out}", logger_arg(out)]
 
 
 @pytest.fixture(scope="module")

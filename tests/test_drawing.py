@@ -1,12 +1,11 @@
-"""sta_lightning.visualize: association and box rendering, on real StokenAttention output."""
+"""sta_lightning.callbacks.drawing: association and box rendering, on real StokenAttention output."""
 
 import numpy as np
 import pytest
 import torch
 from matplotlib import colormaps
 
-from sta_lightning.nn import StokenAttention
-from sta_lightning.visualize import (
+from sta_lightning.callbacks.drawing import (
     association_panel,
     blend_heatmap,
     draw_detections,
@@ -17,6 +16,7 @@ from sta_lightning.visualize import (
     spread_tokens,
     token_weight_map,
 )
+from sta_lightning.nn import StokenAttention
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,24 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
+from detector_checkpoint import write_scoring_checkpoint
 
-from sta_lightning import DetectionModule
 from sta_lightning.__main__ import main
-from sta_lightning.data import DemoDataModule
+from sta_lightning.checkpoint_file import CheckpointError
+from sta_lightning.data import DemoDataModule, LoaderConfig
 from sta_lightning.deploy import OnnxDetector
-from sta_lightning.export import PaddedNMS, detector_from_checkpoint, export_detector
+from sta_lightning.export import PaddedNMS, export_detector
 from sta_lightning.metrics import STAT_NAMES, evaluate_coco
-from sta_lightning.models import DEFAULT_STA, YOLOv8, non_max_suppression
+from sta_lightning.models import (
+    DEFAULT_STA,
+    DetectorConfig,
+    OutdatedCheckpointError,
+    YOLOv8,
+    detector_from_checkpoint,
+    non_max_suppression,
+)
+from sta_lightning.training import DetectionModule
+from sta_lightning.training.evaluation import detections_to_original
 
 # 96 px: the P3 map (12x12) and the P4 map (6x6) are padded to whole 8x8 and 4x4 super-token cells.
 IMAGE_SIZE = 96
@@ -38,16 +48,14 @@ def demo(tmp_path_factory):
     checkpoint's state_dict)."""
     root = tmp_path_factory.mktemp("export")
     datamodule = DemoDataModule(
-        root=str(root / "demo"), num_train=1, num_val=6, image_size=IMAGE_SIZE, batch_size=4, num_workers=0
+        root=str(root / "demo"),
+        num_train=1,
+        num_val=6,
+        image_size=IMAGE_SIZE,
+        loader=LoaderConfig(batch_size=4, num_workers=0),
     )
     torch.manual_seed(0)
-    module = DetectionModule(
-        "n",
-        sta="default",
-        num_classes=datamodule.num_classes,
-        class_names=datamodule.class_names,
-        category_ids=datamodule.category_ids,
-    )
+    module = DetectionModule(detector=DetectorConfig("n", sta="default"), classes=datamodule.classes)
     datamodule.prepare_data()
     datamodule.setup("validate")
     calibration = torch.cat([batch["images"] for batch in datamodule.val_dataloader()]).float() / 255
@@ -78,26 +86,20 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(demo):
-    """The files under test, each written by ``python -m sta_lightning export``."""
+    """The files under test, each written by ``python -m sta_lightning export``; the decoded ONNX model
+    without --image_size (the size the checkpoint records), the others with it."""
     nms = [f"--{key}={value}" for key, value in GRAPH_NMS.items() if key != "multi_label"] + ["--multi_label"]
+    size = f"--image_size={IMAGE_SIZE}"
     files = {
         "onnx": ("decoded.onnx", "--dynamic_batch"),
-        "onnx_nms": ("nms.onnx", "--batch=2", "--nms", *nms),
-        "torchscript": ("nms.torchscript", "--format=torchscript", "--dynamic_batch", "--nms", *nms),
-        "exported_program": ("half.pt2", "--format=exported_program", "--dynamic_batch", "--half"),
+        "onnx_nms": ("nms.onnx", size, "--batch=2", "--nms", *nms),
+        "torchscript": ("nms.torchscript", size, "--format=torchscript", "--dynamic_batch", "--nms", *nms),
+        "exported_program": ("half.pt2", size, "--format=exported_program", "--dynamic_batch", "--half"),
     }
     paths = {}
     for key, (name, *options) in files.items():
         paths[key] = demo["root"] / name
-        main(
-            [
-                "export",
-                f"--ckpt_path={demo['checkpoint']}",
-                f"--image_size={IMAGE_SIZE}",
-                f"--output={paths[key]}",
-            ]
-            + options
-        )
+        main(["export", f"--ckpt_path={demo['checkpoint']}", f"--output={paths[key]}", *options])
     return paths
 
 
@@ -113,7 +115,7 @@ def reference(demo):
         for batch in datamodule.val_dataloader():
             inputs = batch["images"].float() / 255
             output, _ = detector(inputs)
-            found = DetectionModule.detections_to_original(non_max_suppression(output, **VAL_NMS), batch)
+            found = detections_to_original(non_max_suppression(output, **VAL_NMS), batch)
             detections.update({int(i): rows for i, rows in zip(batch["image_ids"], found, strict=True)})
             images.append(inputs)
             decoded.append(output)
@@ -133,6 +135,13 @@ def coco_rows(detections: dict[int, np.ndarray], category_ids: list[int]) -> np.
         for x1, y1, x2, y2, score, label in np.asarray(found).tolist()
     ]
     return np.asarray(rows, dtype=np.float64).reshape(-1, 7)
+
+
+def test_the_checkpoint_records_the_detector_its_classes_and_image_size(demo):
+    _, trained = detector_from_checkpoint(demo["checkpoint"])
+    assert trained.image_size == IMAGE_SIZE and trained.scale == "n"
+    assert trained.classes == demo["datamodule"].classes
+    assert trained.hyper_parameters["detector"]["pretrained"] is None
 
 
 def test_the_checkpoint_detector_has_the_state_dict_weights(demo, reference):
@@ -279,9 +288,42 @@ def test_missing_or_foreign_checkpoints_are_refused(tmp_path, capsys):
     assert f"checkpoint {missing} does not exist" in capsys.readouterr().err
     foreign = tmp_path / "weights.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
-    with pytest.raises(ValueError, match="no DetectionModule hyper_parameters"):
+    with pytest.raises(CheckpointError, match=rf"checkpoint {foreign} is not a checkpoint written by .* fit"):
         detector_from_checkpoint(foreign)
     with pytest.raises(ValueError, match="unknown export format 'tflite'"):
         export_detector(YOLOv8("n", 2), tmp_path / "m.x", format="tflite")
     with pytest.raises(ValueError, match="iou_threshold must be in"):
         PaddedNMS(iou_threshold=0.0)
+
+
+def test_export_without_image_size_needs_a_checkpoint_that_records_it(tmp_path, capsys):
+    sizeless = write_scoring_checkpoint(tmp_path / "sizeless.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", f"--ckpt_path={sizeless}"])
+    assert exit_info.value.code == 2
+    assert f"{sizeless} does not record its training size: give --image_size" in capsys.readouterr().err
+    sized = write_scoring_checkpoint(tmp_path / "sized.ckpt", image_size=64)
+    main(["export", f"--ckpt_path={sized}", f"--output={tmp_path / 'sized.onnx'}"])
+    metadata = sidecar(tmp_path / "sized.onnx")
+    assert metadata["image_size"] == 64 and metadata["input"]["shape"] == [1, 3, 64, 64]
+    assert metadata["class_names"] == ["0", "1", "2", "3", "4"] and metadata["category_ids"] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+
+
+def test_export_refuses_a_checkpoint_of_the_flat_layout_naming_it(tmp_path, capsys):
+    content = torch.load(write_scoring_checkpoint(tmp_path / "model.ckpt"), weights_only=True)
+    content["hyper_parameters"] = {"model_scale": "n", "sta": None, "num_classes": 5, "ema_decay": 0.9999}
+    old = tmp_path / "old.ckpt"
+    torch.save(content, old)
+    with pytest.raises(OutdatedCheckpointError, match=rf"checkpoint {old} was written by sta_lightning 0.1"):
+        detector_from_checkpoint(old)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", f"--ckpt_path={old}", "--image_size=64"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"checkpoint {old} was written by sta_lightning 0.1" in error and "model.detector.scale" in error

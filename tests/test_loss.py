@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sta_lightning.models import TaskAlignedAssigner, YOLOv8Loss, complete_iou
+from sta_lightning.models import AssignerConfig, TaskAlignedAssigner, YOLOv8Loss, complete_iou
 from sta_lightning.models.box_coding import make_anchors, xyxy_to_ltrb
 
 NUM_CLASSES = 3
@@ -217,7 +217,9 @@ def test_min_box_side_gives_a_tiny_box_anchors(min_box_side, expected_foreground
         assert (anchors[assignment.foreground[0]] - 32).abs().eq(4).all()
 
     preds = _random_preds(batch_size=1)
-    _, items = YOLOv8Loss(NUM_CLASSES, min_box_side=min_box_side)(preds, _targets([(0, 0, [29, 29, 35, 35])]))
+    _, items = YOLOv8Loss(NUM_CLASSES, assigner=AssignerConfig(min_box_side=min_box_side))(
+        preds, _targets([(0, 0, [29, 29, 35, 35])])
+    )
     assert (items[0] > 0) == bool(expected_foreground)
 
 

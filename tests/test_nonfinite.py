@@ -24,15 +24,15 @@ FIT_ARGS = [
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
     "--trainer.logger=false",
-    "--model.sta=null",
-    "--model.warmup_epochs=0",
-    "--model.nominal_batch_size=8",
+    "--model.detector.sta=null",
+    "--model.warmup.epochs=0",
+    "--model.optimizer.nominal_batch_size=8",
     "--data=sta_lightning.data.DemoDataModule",
     "--data.num_train=8",
     "--data.num_val=4",
     "--data.image_size=64",
-    "--data.batch_size=4",
-    "--data.num_workers=0",
+    "--data.loader.batch_size=4",
+    "--data.loader.num_workers=0",
     "--checkpoint.save_top_k=-1",  # Lightning 2.6 rewrites last.ckpt only with a top-k checkpoint
 ]
 
@@ -66,7 +66,7 @@ def test_an_isolated_infinite_loss_is_skipped_and_does_not_count(demo, tmp_path)
     module = cli.trainer.lightning_module
     # Without the skipped batch 0 the accumulation restarts: one step, at iteration 2 (batches 1 and 2),
     # where counting batch 0 would have stepped at 1 and 3.
-    assert cli.trainer.global_step == 1 and module.last_optimizer_step == 2
+    assert cli.trainer.global_step == 1 and module.accumulation.last_optimizer_step == 2
     assert all_finite(module) and all_finite(module.ema)
 
 
@@ -74,14 +74,16 @@ def test_nan_gradients_drop_the_accumulation_and_skip_the_step(demo, tmp_path):
     with pytest.warns(NonFiniteStepWarning, match=r"Non-finite gradients at iteration 1 \(epoch 0"):
         cli = fit(demo, tmp_path, "--trainer.max_epochs=2", fault(iterations=[1], poison="gradients"))
     module = cli.trainer.lightning_module
-    assert cli.trainer.global_step == 1 and module.last_optimizer_step == 3  # the step at 1 was skipped
+    assert (
+        cli.trainer.global_step == 1 and module.accumulation.last_optimizer_step == 3
+    )  # the step at 1 was skipped
     assert all_finite(module) and all_finite(module.ema)
 
 
 def test_persistent_nan_stops_the_fit_and_keeps_the_last_good_checkpoint(demo, tmp_path):
     nan_from_epoch_1 = fault(iterations=list(range(2, 6)))
     with pytest.raises(NonFiniteTrainingError, match=r"^2 training steps in a row .* loss at iteration 3 "):
-        fit(demo, tmp_path, "--trainer.max_epochs=3", "--model.max_nonfinite_steps=2", nan_from_epoch_1)
+        fit(demo, tmp_path, "--trainer.max_epochs=3", "--model.step.max_nonfinite_steps=2", nan_from_epoch_1)
     (checkpoints,) = tmp_path.rglob("checkpoints")
     assert sorted(p.name for p in checkpoints.iterdir())[-1] == "last.ckpt"
     assert not list(checkpoints.glob("epoch=001*"))
@@ -97,7 +99,11 @@ def test_ddp_ranks_skip_a_nan_loss_of_one_rank_together(demo, tmp_path):
     # iteration 0; had rank 0 stepped alone, its backward would wait for rank 1's forever.
     command = [sys.executable, "-m", "sta_lightning", "fit", *FIT_ARGS, f"--data.root={demo}"]
     command += ["--trainer.max_epochs=1", "--trainer.devices=2", "--trainer.strategy=ddp"]
-    command += ["--data.batch_size=2", "--model.nominal_batch_size=4", "--checkpoint.dirpath=checkpoints"]
+    command += [
+        "--data.loader.batch_size=2",
+        "--model.optimizer.nominal_batch_size=4",
+        "--checkpoint.dirpath=checkpoints",
+    ]
     command += [fault(iterations=[0], rank=1)]
     environment = {
         **os.environ,

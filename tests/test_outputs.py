@@ -15,15 +15,15 @@ from pycocotools.cocoeval import COCOeval
 
 from sta_lightning.callbacks.prediction_writer import TEST_RESULTS_FILE
 from sta_lightning.cli import main
-from sta_lightning.data import DemoDataModule
-from sta_lightning.data.coco import DataWarning, load_coco_index
+from sta_lightning.data import DataWarning, DemoDataModule
+from sta_lightning.data.coco_index import load_coco_index
 from sta_lightning.data.dataset import CocoDetectionDataset, ImageFolderDataset
 from sta_lightning.data.demo import annotation_path
 from sta_lightning.metrics import COCO_STATS
 
 IMAGE_SIZE = 128
 EXIF_ORIENTATION = 0x0112
-COMMON = ["--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--data.num_workers=0"]
+COMMON = ["--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--data.loader.num_workers=0"]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_test_writes_coco_results_that_pycocotools_scores_to_the_logged_metrics(
         "--data.num_train=4",
         "--data.num_val=7",
         f"--data.image_size={IMAGE_SIZE}",
-        "--data.batch_size=2",
+        "--data.loader.batch_size=2",
     ]
     results_file, logged = run_test(demo["checkpoint"], data, demo["root"] / "test_run")
     results = json.loads(results_file.read_text())
@@ -84,8 +84,8 @@ def test_test_results_on_real_coco_images_score_to_the_logged_metrics(shared_dat
     coco = shared_data / "coco-tiny-val2017"
     annotations = coco / "annotations" / "instances_val2017.json"
     checkpoint = write_scoring_checkpoint(tmp_path / "coco80.ckpt", num_classes=80)
-    data = ["--data=sta_lightning.data.COCODataModule", f"--data.val_images={coco / 'val2017'}"]
-    data += [f"--data.val_annotations={annotations}", "--data.image_size=320", "--data.batch_size=8"]
+    data = ["--data=sta_lightning.data.COCODataModule", f"--data.val.images={coco / 'val2017'}"]
+    data += [f"--data.val.annotations={annotations}", "--data.image_size=320", "--data.loader.batch_size=8"]
     results_file, logged = run_test(checkpoint, data, tmp_path / "run")
     results = json.loads(results_file.read_text())
     assert results and {r["category_id"] for r in results} <= set(COCO(str(annotations)).getCatIds())
@@ -103,9 +103,9 @@ def test_predict_with_an_annotation_file_writes_its_image_ids(demo, tmp_path):
     listing_file.write_text(json.dumps(listing))
 
     arguments = ["predict", f"--ckpt_path={demo['checkpoint']}", *COMMON, "--trainer.logger=false"]
-    arguments += ["--data=sta_lightning.data.COCODataModule", f"--data.predict_images={demo['val_images']}"]
-    arguments += [f"--data.predict_annotations={listing_file}", f"--data.image_size={IMAGE_SIZE}"]
-    arguments += ["--model.predict_conf_threshold=0.01", f"--prediction.output_dir={tmp_path / 'out'}"]
+    arguments += ["--data=sta_lightning.data.COCODataModule", f"--data.predict.images={demo['val_images']}"]
+    arguments += [f"--data.predict.annotations={listing_file}", f"--data.image_size={IMAGE_SIZE}"]
+    arguments += ["--model.predict_nms.conf_threshold=0.01", f"--prediction.output_dir={tmp_path / 'out'}"]
     with pytest.warns(DataWarning, match=r"1 of 8 images .* missing.*absent\.jpg \(missing\)"):
         main(arguments)
     images = json.loads((tmp_path / "out" / "images.json").read_text())

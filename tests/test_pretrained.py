@@ -7,13 +7,30 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from detector_checkpoint import STA, write_scoring_checkpoint
 from tiny_fit import fit_steps
 
-from sta_lightning import DetectionModule
+from sta_lightning.classes import Classes
 from sta_lightning.cli import main
 from sta_lightning.data import DemoDataModule
-from sta_lightning.models import DEFAULT_STA, UnsafeCheckpointError, YOLOv8, load_pretrained
-from sta_lightning.training.optim import TrainingSchedule, apply_step_settings, build_optimizer
+from sta_lightning.models import (
+    DEFAULT_STA,
+    DetectorConfig,
+    OutdatedCheckpointError,
+    STAPlacement,
+    UnsafeCheckpointError,
+    YOLOv8,
+    load_pretrained,
+)
+from sta_lightning.training import DetectionModule
+from sta_lightning.training.ema import EMAConfig
+from sta_lightning.training.optim import (
+    OptimizerConfig,
+    TrainingSchedule,
+    WarmupConfig,
+    apply_step_settings,
+    build_optimizer,
+)
 
 RELEASED = "yolov8n-demo-ul8.2.103.pt"
 TRAIN_FORMAT = "yolov8n-demo-ul8.4.190-trainformat.pt"
@@ -58,7 +75,7 @@ def test_validate_the_pretrained_file_as_it_is(reference_files, tmp_path):
     # The demo val images do not depend on the train count: 100 val images as in the README's measurement.
     DemoDataModule(root=str(tmp_path / "demo"), num_train=2, num_val=100).prepare_data()
     cli = main(
-        ["validate", "--model.model_scale=n", f"--model.pretrained={reference_files / RELEASED}"]
+        ["validate", "--model.detector.scale=n", f"--model.detector.pretrained={reference_files / RELEASED}"]
         + [
             "--data=sta_lightning.data.DemoDataModule",
             f"--data.root={tmp_path / 'demo'}",
@@ -66,7 +83,7 @@ def test_validate_the_pretrained_file_as_it_is(reference_files, tmp_path):
         ]
         + [
             "--data.image_size=256",
-            "--data.num_workers=0",
+            "--data.loader.num_workers=0",
             "--trainer.accelerator=cpu",
             "--trainer.logger=false",
         ]
@@ -79,17 +96,13 @@ def test_sta_starts_as_the_identity_learns_and_frozen_layers_stay(reference_file
     plain = YOLOv8("n", 5)
     load_pretrained(plain, reference_files / RELEASED)
     module = DetectionModule(
-        model_scale="n",
-        sta="default",
-        num_classes=5,
-        pretrained=str(reference_files / RELEASED),
-        freeze=10,
-        optimizer="AdamW",
-        lr0=0.002,
-        momentum=0.9,
-        nominal_batch_size=4,
-        warmup_epochs=0,
-        ema=False,
+        detector=DetectorConfig(
+            scale="n", sta="default", freeze=10, pretrained=str(reference_files / RELEASED)
+        ),
+        classes=Classes.anonymous(5),
+        optimizer=OptimizerConfig(name="AdamW", lr0=0.002, momentum=0.9, nominal_batch_size=4),
+        warmup=WarmupConfig(epochs=0),
+        ema=EMAConfig(enabled=False),
     )
     assert "38 new STA tensors (blocks start as the identity)" in module.pretrained_summary  # 2 blocks
     images = np.load(reference_files / OUTPUTS)["images"]
@@ -141,6 +154,28 @@ def test_our_checkpoint_and_state_dict_load_with_their_sta_blocks(tmp_path):
     )
 
 
+def test_our_fit_checkpoint_loads_with_its_sta_blocks(tmp_path):
+    checkpoint = write_scoring_checkpoint(tmp_path / "model.ckpt")
+    target = YOLOv8("n", 5, [STAPlacement(**placement) for placement in STA])
+    report = load_pretrained(target, checkpoint)
+    assert (report.loaded, report.sta_new) == (355, 0) and report.sta_loaded > 0
+    assert "sta_lightning checkpoint" in report.summary()
+    stored = torch.load(checkpoint, weights_only=True)["state_dict"]
+    assert all(torch.equal(value, stored[f"model.{key}"]) for key, value in target.state_dict().items())
+
+
+def test_a_checkpoint_of_the_flat_layout_is_refused_as_outdated(tmp_path):
+    checkpoint = write_scoring_checkpoint(tmp_path / "model.ckpt")
+    content = torch.load(checkpoint, weights_only=True)
+    content["hyper_parameters"] = {"model_scale": "n", "num_classes": 5, "sta": None, "lr0": 0.01}
+    old = tmp_path / "old.ckpt"
+    torch.save(content, old)
+    with pytest.raises(OutdatedCheckpointError, match=rf"checkpoint {old} was written by sta_lightning 0.1"):
+        load_pretrained(YOLOv8("n", 5), old)
+    with pytest.raises(OutdatedCheckpointError, match=rf"checkpoint {old}"):
+        DetectionModule(detector=DetectorConfig(pretrained=str(old)), classes=Classes.anonymous(5))
+
+
 def test_another_scale_is_refused_with_both_named(tmp_path):
     torch.save(YOLOv8("n", 5).state_dict(), tmp_path / "n.pt")
     with pytest.raises(ValueError, match=r"a YOLOv8n file, but the model is YOLOv8s"):
@@ -176,9 +211,13 @@ def test_a_missing_or_broken_file_gives_a_clear_error(tmp_path):
 
 def test_sta_parameters_get_their_lr_multiplier():
     model = YOLOv8("n", 5, DEFAULT_STA)
-    optimizer = build_optimizer(model, "AdamW", lr=0.002, momentum=0.9, weight_decay=5e-4, sta_lr_scale=10.0)
+    config = OptimizerConfig(
+        name="AdamW", lr0=0.002, momentum=0.9, weight_decay=5e-4, nominal_batch_size=16, sta_lr_scale=10.0
+    )
+    optimizer = build_optimizer(model, config)
     sta = {id(p) for name, p in model.named_parameters() if name.startswith("sta.")}
-    schedule = TrainingSchedule(0.002, 0.01, 10, "linear", -1, 0.0, 0.8, 0.9, 16, 16)
+    warmup = WarmupConfig(bias_lr=0.0, momentum=0.8)
+    schedule = TrainingSchedule(config, warmup, epochs=10, warmup_iters=-1, total_batch_size=16)
     apply_step_settings(optimizer, schedule.at(5, 0))
     for group in optimizer.param_groups:
         in_sta = {id(p) in sta for p in group["params"]}
@@ -195,11 +234,16 @@ def test_a_finetuned_checkpoint_validates_and_resumes_without_its_pretrained_fil
         f"--data.root={tmp_path / 'demo'}",
         "--data.num_train=8",
     ]
-    data += ["--data.num_val=4", "--data.image_size=128", "--data.batch_size=4", "--data.num_workers=0"]
+    data += ["--data.num_val=4", "--data.image_size=128", "--data.loader.batch_size=4"]
+    data += ["--data.loader.num_workers=0"]
     common = ["--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
     common += [f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.enable_model_summary=false"]
-    model = ["--model.model_scale=n", "--model.sta=default", f"--model.pretrained={pretrained}"]
-    main(["fit", *model, *data, *common, "--trainer.max_epochs=1", "--model.warmup_epochs=0"])
+    model = [
+        "--model.detector.scale=n",
+        "--model.detector.sta=default",
+        f"--model.detector.pretrained={pretrained}",
+    ]
+    main(["fit", *model, *data, *common, "--trainer.max_epochs=1", "--model.warmup.epochs=0"])
     checkpoint = next((tmp_path / "run").rglob("last.ckpt"))
     assert (
         "pretrained: 355/355 YOLOv8n tensors from copy.pt"

@@ -38,7 +38,7 @@ def fit_command(demo_root: Path, run_dir: Path, *extra: str, wandb: bool = False
     if wandb:
         loggers.append(
             {
-                "class_path": "sta_lightning.loggers.OfflineFallbackWandbLogger",
+                "class_path": "sta_lightning.plugins.loggers.OfflineFallbackWandbLogger",
                 "init_args": {"project": "resume-test", "offline": True, "save_dir": str(run_dir)},
             }
         )
@@ -57,22 +57,22 @@ def fit_command(demo_root: Path, run_dir: Path, *extra: str, wandb: bool = False
         f"--trainer.default_root_dir={run_dir}",
         f"--trainer.logger={json.dumps(loggers)}",
         f"--checkpoint.dirpath={run_dir / 'checkpoints'}",
-        "--model.sta=[{layer: 8, stoken_size: [1, 1], num_heads: 2, drop_path: 0.3}]",
-        "--model.optimizer=AdamW",
-        "--model.lr0=0.002",
-        "--model.momentum=0.9",
-        "--model.nominal_batch_size=8",
-        "--model.warmup_epochs=1",
-        "--model.warmup_min_iterations=0",
-        "--model.ema_tau=5",
+        "--model.detector.sta=[{layer: 8, stoken_size: [1, 1], num_heads: 2, drop_path: 0.3}]",
+        "--model.optimizer.name=AdamW",
+        "--model.optimizer.lr0=0.002",
+        "--model.optimizer.momentum=0.9",
+        "--model.optimizer.nominal_batch_size=8",
+        "--model.warmup.epochs=1",
+        "--model.warmup.min_iterations=0",
+        "--model.ema.tau=5",
         "--data=sta_lightning.data.DemoDataModule",
         f"--data.root={demo_root}",
         "--data.num_train=12",
         "--data.num_val=4",
         "--data.image_size=64",
-        "--data.batch_size=4",
-        "--data.num_workers=0",
-        "--data.close_mosaic=1",
+        "--data.loader.batch_size=4",
+        "--data.loader.num_workers=0",
+        "--data.augment.close_mosaic=1",
         *extra,
     ]
 
@@ -131,7 +131,7 @@ def uninterrupted(demo_root, tmp_path_factory) -> Path:
         pytest.param(dict(epoch=2, batch=0, stage="validation"), [], id="during-validation"),
         pytest.param(
             dict(epoch=2, batch=2),
-            ["--checkpoint.every_n_train_steps=1", "--data.num_workers=2"],
+            ["--checkpoint.every_n_train_steps=1", "--data.loader.num_workers=2"],
             id="mid-epoch-from-a-step-checkpoint-with-workers",
         ),
     ],
@@ -193,7 +193,7 @@ def test_slurm_requeue_resumes_at_the_next_batch_and_continues_the_wandb_run(
 
 
 def test_two_process_ddp_fit_resumes_exactly(demo_root, tmp_path):
-    ddp = ["--trainer.devices=2", "--trainer.strategy=ddp", "--data.batch_size=2"]
+    ddp = ["--trainer.devices=2", "--trainer.strategy=ddp", "--data.loader.batch_size=2"]
     run(fit_command(demo_root, tmp_path / "uninterrupted", *ddp), cwd=tmp_path / "uninterrupted")
     command = fit_command(demo_root, tmp_path / "killed", *ddp)
     run([*command, callback("KillAt", epoch=2, batch=1)], cwd=tmp_path / "killed", killed=True)

@@ -26,10 +26,10 @@ from sta_lightning.cli import main
 
 config, out = sys.argv[1], Path(sys.argv[2])
 cli = main(["fit", "--config", config])
-fit_map = cli.model.coco_metrics["map"]
+fit_map = cli.model.evaluation.metrics["map"]
 cli.trainer.validate(cli.model, cli.datamodule)
 experiment = cli.trainer.logger.experiment
-result = {"experiment": type(experiment).__name__, "maps": [fit_map, cli.model.coco_metrics["map"]]}
+result = {"experiment": type(experiment).__name__, "maps": [fit_map, cli.model.evaluation.metrics["map"]]}
 if cli.trainer.is_global_zero:
     result["config"] = dict(experiment.config)
     result["best_map"] = experiment.summary["best/mAP"]
@@ -54,7 +54,7 @@ def test_two_process_ddp_fit_and_validate_log_one_run(tmp_path):
             "enable_model_summary": False,
             "default_root_dir": str(tmp_path / "run"),
             "logger": {
-                "class_path": "sta_lightning.loggers.OfflineFallbackWandbLogger",
+                "class_path": "sta_lightning.plugins.loggers.OfflineFallbackWandbLogger",
                 "init_args": {
                     "project": "sta-ddp",
                     "group": "ddp-test",
@@ -77,9 +77,9 @@ def test_two_process_ddp_fit_and_validate_log_one_run(tmp_path):
             ],
         },
         "model": {
-            "sta": [{"layer": 4, "stoken_size": [4, 4]}, {"layer": 6, "stoken_size": [2, 2]}],
-            "nominal_batch_size": 4,
-            "warmup_epochs": 0,
+            "detector": {"sta": [{"layer": 4, "stoken_size": [4, 4]}, {"layer": 6, "stoken_size": [2, 2]}]},
+            "optimizer": {"nominal_batch_size": 4},
+            "warmup": {"epochs": 0},
         },
         "data": {
             "class_path": "sta_lightning.data.DemoDataModule",
@@ -89,9 +89,8 @@ def test_two_process_ddp_fit_and_validate_log_one_run(tmp_path):
                 "num_train": 8,
                 "num_val": 5,
                 "image_size": 96,
-                "batch_size": 2,
-                "num_workers": 0,
-                "mosaic": 0.0,
+                "loader": {"batch_size": 2, "num_workers": 0},
+                "augment": {"mosaic": 0.0},
             },
         },
     }
@@ -135,4 +134,4 @@ def test_two_process_ddp_fit_and_validate_log_one_run(tmp_path):
     run_config = rank0["config"]
     assert run_config["trainer"]["strategy"] == "ddp" and run_config["trainer"]["devices"] == 2
     assert run_config["data"]["init_args"]["image_size"] == 96
-    assert [placement["layer"] for placement in run_config["model"]["sta"]] == [4, 6]
+    assert [placement["layer"] for placement in run_config["model"]["detector"]["sta"]] == [4, 6]

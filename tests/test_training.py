@@ -1,5 +1,6 @@
 """The YOLOv8 training recipe: parameter groups, optimizer, warmup / decay schedule, weight decay, EMA."""
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -9,10 +10,15 @@ import torch
 from tiny_fit import fit_steps
 from torch import nn
 
-from sta_lightning.models import DEFAULT_STA, YOLOv8
+from sta_lightning.classes import Classes
+from sta_lightning.models import DEFAULT_STA, AssignerConfig, DetectorConfig, STAPlacement, YOLOv8
 from sta_lightning.training import DetectionModule, ModelEMA
+from sta_lightning.training.compile import CompileConfig
+from sta_lightning.training.ema import EMAConfig
 from sta_lightning.training.optim import (
+    OptimizerConfig,
     TrainingSchedule,
+    WarmupConfig,
     accumulation_steps,
     apply_step_settings,
     build_optimizer,
@@ -57,7 +63,8 @@ def test_parameter_groups_equal_the_reference_trainer():
         momentum=0.937,
         decay=5e-4,
     )
-    ours = build_optimizer(YOLOv8("n", 5), "SGD", lr=0.01, momentum=0.937, weight_decay=5e-4)
+    config = OptimizerConfig(name="SGD", lr0=0.01, momentum=0.937, weight_decay=5e-4)
+    ours = build_optimizer(YOLOv8("n", 5), config)
 
     def shapes(group):
         # The frozen DFL weights differ in shape ((1, 16, 1, 1) there, (16,) here) and get no gradient.
@@ -71,13 +78,14 @@ def test_parameter_groups_equal_the_reference_trainer():
 
 
 def test_build_optimizer_adamw_uses_momentum_as_beta1():
-    optimizer = build_optimizer(nn.Conv2d(3, 4, 3), "AdamW", lr=0.002, momentum=0.9, weight_decay=1e-3)
+    config = OptimizerConfig(name="AdamW", lr0=0.002, momentum=0.9, weight_decay=1e-3)
+    optimizer = build_optimizer(nn.Conv2d(3, 4, 3), config)
     assert isinstance(optimizer, torch.optim.AdamW)
     assert [g["name"] for g in optimizer.param_groups] == ["bias", "weight", "norm"]
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.0, 1e-3, 0.0]
     assert all(g["betas"] == (0.9, 0.999) for g in optimizer.param_groups)
     with pytest.raises(ValueError, match="'SGD' or 'AdamW'"):
-        build_optimizer(nn.Conv2d(3, 4, 3), "Adam", lr=0.1, momentum=0.9, weight_decay=0.0)
+        build_optimizer(nn.Conv2d(3, 4, 3), OptimizerConfig(name="Adam"))
 
 
 @pytest.mark.parametrize(
@@ -90,26 +98,22 @@ def test_accumulation_and_weight_decay_scale_to_the_nominal_batch(batch, expecte
 
 
 def test_warmup_iterations_has_the_classic_floor():
-    assert warmup_iterations(3.0, 1000, 100) == 3000
-    assert warmup_iterations(3.0, 20, 100) == 100
-    assert warmup_iterations(3.0, 20, 0) == 60
-    assert warmup_iterations(0.0, 20, 100) == -1
+    assert warmup_iterations(WarmupConfig(epochs=3.0, min_iterations=100), 1000) == 3000
+    assert warmup_iterations(WarmupConfig(epochs=3.0, min_iterations=100), 20) == 100
+    assert warmup_iterations(WarmupConfig(epochs=3.0, min_iterations=0), 20) == 60
+    assert warmup_iterations(WarmupConfig(epochs=0.0, min_iterations=100), 20) == -1
 
 
-def _schedule(**overrides) -> TrainingSchedule:
-    settings = dict(
-        lr0=0.01,
-        lrf=0.01,
+def _schedule(schedule: str = "linear", warmup_iters: int | None = None) -> TrainingSchedule:
+    optimizer = OptimizerConfig(lr0=0.01, lrf=0.01, schedule=schedule, momentum=0.937, nominal_batch_size=64)
+    warmup = WarmupConfig(epochs=3.0, min_iterations=100, bias_lr=0.1, momentum=0.8)
+    return TrainingSchedule(
+        optimizer=optimizer,
+        warmup=warmup,
         epochs=10,
-        schedule="linear",
-        warmup_iters=warmup_iterations(3.0, 30, 100),
-        warmup_bias_lr=0.1,
-        warmup_momentum=0.8,
-        momentum=0.937,
-        nominal_batch_size=64,
+        warmup_iters=warmup_iterations(warmup, 30) if warmup_iters is None else warmup_iters,
         total_batch_size=16,
     )
-    return TrainingSchedule(**{**settings, **overrides})
 
 
 def test_schedule_values_equal_the_reference_formulas():
@@ -140,7 +144,7 @@ def test_cosine_decay_and_no_warmup():
 
 
 def test_apply_step_settings_sets_momentum_only_during_warmup():
-    optimizer = build_optimizer(nn.Conv2d(3, 4, 3), "SGD", lr=0.01, momentum=0.937, weight_decay=5e-4)
+    optimizer = build_optimizer(nn.Conv2d(3, 4, 3), OptimizerConfig(name="SGD", lr0=0.01, momentum=0.937))
     schedule = _schedule()
     apply_step_settings(optimizer, schedule.at(10, 0))
     assert [g["lr"] for g in optimizer.param_groups] == list(schedule.at(10, 0).lrs)
@@ -180,39 +184,99 @@ def test_ema_follows_the_yolov8_rule_on_parameters_and_batchnorm_buffers():
     assert averaged.norm.num_batches_tracked == 0  # integer buffers are not averaged
 
 
-def test_module_validates_its_class_arguments():
-    with pytest.raises(ValueError, match="class_names has 2 names"):
-        DetectionModule(num_classes=3, class_names=["a", "b"])
-    with pytest.raises(ValueError, match="sta must be 'default'"):
-        DetectionModule(num_classes=3, sta="everywhere")
-    module = DetectionModule(num_classes=3, sta=[{"layer": 8, "stoken_size": [1, 1]}])
+def test_classes_validate_their_names_and_ids():
+    with pytest.raises(ValueError, match="3 category ids for 2 names"):
+        Classes(["a", "b"], [1, 2, 3])
+    with pytest.raises(ValueError, match="category ids repeat"):
+        Classes(["a", "b"], [7, 7])
+    with pytest.raises(ValueError, match="at least one class name"):
+        Classes([])
+    assert Classes(["a", "b"]).category_ids == [0, 1]
+    assert Classes.anonymous(3) == Classes(["0", "1", "2"], [0, 1, 2])
+
+
+def test_module_without_classes_has_80_anonymous_ones():
+    module = DetectionModule()
+    assert module.classes == Classes.anonymous(80) and module.model.num_classes == 80
+    assert module.hparams["classes"] == {
+        "names": [str(i) for i in range(80)],
+        "category_ids": list(range(80)),
+    }
+
+
+def test_module_validates_its_sta_placements():
+    with pytest.raises(ValueError, match="detector.sta must be 'default'"):
+        DetectionModule(detector=DetectorConfig(sta="everywhere"), classes=Classes.anonymous(3))
+    sta = [{"layer": 8, "stoken_size": [1, 1]}]
+    module = DetectionModule(detector=DetectorConfig(sta=sta), classes=Classes.anonymous(3))
     assert list(module.model.sta.keys()) == ["layer8"]
-    assert module.hparams.sta[0]["stoken_size"] == (1, 1)
+    assert module.hparams["detector"]["sta"][0]["stoken_size"] == (1, 1)
+
+
+def test_hyperparameters_are_the_model_and_recipe_groups_without_run_settings():
+    module = DetectionModule(
+        classes=Classes(["cat", "dog"], [17, 18]), optimizer=OptimizerConfig(name="AdamW", lr0=0.002)
+    )
+    assert set(module.hparams) == {
+        "detector",
+        "classes",
+        "optimizer",
+        "warmup",
+        "ema",
+        "loss",
+        "assigner",
+        "step",
+    }
+    assert module.hparams["classes"] == {"names": ["cat", "dog"], "category_ids": [17, 18]}
+    assert module.hparams["optimizer"]["name"] == "AdamW" and module.hparams["optimizer"]["lr0"] == 0.002
+    assert module.hparams["ema"] == {"enabled": True, "decay": 0.9999, "tau": 2000.0}
+
+
+def test_detector_config_to_checkpoint_resolves_the_placements_and_drops_pretrained():
+    config = DetectorConfig(scale="s", sta="default", freeze=10, pretrained="yolov8s.pt")
+    stored = config.to_checkpoint()
+    assert stored["pretrained"] is None
+    assert stored["sta"] == [dataclasses.asdict(p) for p in DEFAULT_STA]
+    assert (stored["scale"], stored["freeze"]) == ("s", 10)
+    assert DetectorConfig(**stored).placements() == tuple(DEFAULT_STA)
+    assert DetectorConfig(sta=None).to_checkpoint()["sta"] is None
+    explicit = DetectorConfig(sta=[STAPlacement(layer=8), {"layer": 6, "num_heads": 2}]).to_checkpoint()
+    assert explicit["sta"] == [
+        dataclasses.asdict(STAPlacement(layer=8)),
+        dataclasses.asdict(STAPlacement(6, num_heads=2)),
+    ]
 
 
 def test_default_sta_is_stored_resolved_in_the_hyperparameters():
     # A checkpoint must rebuild the model it was trained with even if the DEFAULT_STA preset changes later.
-    module = DetectionModule(num_classes=3, sta="default")
-    rebuilt = DetectionModule(num_classes=3, sta=module.hparams.sta)
-    assert [p["layer"] for p in module.hparams.sta] == [p.layer for p in DEFAULT_STA]
+    classes = Classes.anonymous(3)
+    module = DetectionModule(detector=DetectorConfig(sta="default"), classes=classes)
+    rebuilt = DetectionModule(detector=DetectorConfig(**module.hparams["detector"]), classes=classes)
+    assert [p["layer"] for p in module.hparams["detector"]["sta"]] == [p.layer for p in DEFAULT_STA]
     assert rebuilt.model.state_dict().keys() == module.model.state_dict().keys()
 
 
 def test_assigner_settings_reach_the_loss():
     module = DetectionModule(
-        num_classes=3, assigner_topk=13, assigner_alpha=1.0, assigner_beta=4.0, min_box_side=16
+        classes=Classes.anonymous(3), assigner=AssignerConfig(topk=13, alpha=1.0, beta=4.0, min_box_side=16)
     )
     assigner = module.loss.assigner
     assert (assigner.topk, assigner.alpha, assigner.beta, assigner.min_box_side) == (13, 1.0, 4.0, 16)
-    assert DetectionModule(num_classes=3).loss.assigner.min_box_side is None  # classic YOLOv8 by default
+    # classic YOLOv8 by default
+    assert DetectionModule(classes=Classes.anonymous(3)).loss.assigner.min_box_side is None
 
 
-def _two_step_fit(root, **module_arguments) -> tuple[dict, DetectionModule]:
+def _two_step_fit(root, compile: CompileConfig = CompileConfig()) -> tuple[dict, DetectionModule]:
     """Two optimizer steps of yolov8n with the default STA on 8 demo images at 64 px (no validation):
     (the initial state dict, the trained module)."""
     torch.manual_seed(0)
     module = DetectionModule(
-        num_classes=5, sta="default", warmup_epochs=0, ema=False, nominal_batch_size=4, **module_arguments
+        detector=DetectorConfig(sta="default"),
+        classes=Classes.anonymous(5),
+        optimizer=OptimizerConfig(nominal_batch_size=4),
+        warmup=WarmupConfig(epochs=0),
+        ema=EMAConfig(enabled=False),
+        compile=compile,
     )
     initial = {key: value.clone() for key, value in module.state_dict().items()}
     fit_steps(module, root, steps=2, image_size=64)
@@ -220,10 +284,10 @@ def _two_step_fit(root, **module_arguments) -> tuple[dict, DetectionModule]:
 
 
 def test_compiled_train_step_trains_like_the_eager_one(tmp_path):
-    """compile=True (backend aot_eager: it traces forward and backward like Inductor, without generating
+    """compile.enabled (backend aot_eager: it traces forward and backward like Inductor, without generating
     code, so the test stays short on CPU): the same weights after two steps, the state dict keys unchanged."""
     initial, eager = _two_step_fit(tmp_path / "demo")
-    _, compiled = _two_step_fit(tmp_path / "demo", compile=True, compile_backend="aot_eager")
+    _, compiled = _two_step_fit(tmp_path / "demo", CompileConfig(enabled=True, backend="aot_eager"))
     assert compiled._compiled_model is not None and eager._compiled_model is None
     eager_state, compiled_state = eager.state_dict(), compiled.state_dict()
     assert compiled_state.keys() == eager_state.keys() == initial.keys()
@@ -235,5 +299,5 @@ def test_compiled_train_step_trains_like_the_eager_one(tmp_path):
 
 
 def test_unknown_compile_backend_is_refused_by_name():
-    with pytest.raises(ValueError, match="compile_backend 'inductr'"):
-        DetectionModule(num_classes=3, compile=True, compile_backend="inductr")
+    with pytest.raises(ValueError, match="compile.backend 'inductr'"):
+        CompileConfig(enabled=True, backend="inductr")

@@ -23,8 +23,8 @@ def data_args(root: Path) -> list[str]:
         "--data.num_train=4",
         f"--data.num_val={NUM_VAL}",
         "--data.image_size=128",
-        "--data.batch_size=2",
-        "--data.num_workers=0",
+        "--data.loader.batch_size=2",
+        "--data.loader.num_workers=0",
     ]
 
 
@@ -61,9 +61,9 @@ def test_two_process_predict_writes_what_one_process_writes(checkpoint):
     root = checkpoint.parent
     images = json.dumps(sorted(str(p) for p in (root / "demo" / "val").glob("*.jpg")))
     common = [f"--ckpt_path={checkpoint}", "--data=sta_lightning.data.COCODataModule"]
-    common += [f"--data.predict_images={images}", "--data.image_size=128", "--data.batch_size=2"]
-    common += ["--data.num_workers=0", "--trainer.accelerator=cpu", "--trainer.logger=false"]
-    common += ["--trainer.enable_progress_bar=false", "--model.predict_conf_threshold=0.01"]
+    common += [f"--data.predict.images={images}", "--data.image_size=128", "--data.loader.batch_size=2"]
+    common += ["--data.loader.num_workers=0", "--trainer.accelerator=cpu", "--trainer.logger=false"]
+    common += ["--trainer.enable_progress_bar=false", "--model.predict_nms.conf_threshold=0.01"]
     common += [f"--trainer.default_root_dir={root / 'predict_run'}"]  # where the CLI saves its config.yaml
     main(["predict", *common, "--trainer.devices=1", f"--prediction.output_dir={root / 'predict_one'}"])
 

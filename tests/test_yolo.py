@@ -100,7 +100,11 @@ def test_any_multiple_of_32_works(plain_n, size):
 @pytest.mark.parametrize(
     ("images", "error", "match"),
     [
-        (torch.rand(1, 3, 64, 48), ValueError, "64x48 is not a multiple of 32"),
+        (
+            torch.rand(1, 3, 64, 48),
+            ValueError,
+            "YOLOv8: the input size must be a positive multiple of 32, got 64x48",
+        ),
         (torch.rand(1, 3, 100, 96), ValueError, "100x96"),
         (torch.rand(1, 1, 64, 64), ValueError, r"\(B, 3, H, W\)"),
         (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), TypeError, "float images"),

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import lightning as L
 
-from sta_lightning.data import DemoDataModule
+from sta_lightning.data import DemoDataModule, LoaderConfig
 from sta_lightning.training import DetectionModule
 
 
@@ -12,7 +12,11 @@ def fit_steps(module: DetectionModule, root: Path, steps: int = 2, image_size: i
     """Fit ``module`` for ``steps`` optimizer steps on 8 demo images (batch 4) under ``root``, on the CPU,
     without validation, logging or checkpoints."""
     data = DemoDataModule(
-        root=str(root), num_train=8, num_val=2, image_size=image_size, batch_size=4, num_workers=0
+        root=str(root),
+        num_train=8,
+        num_val=2,
+        image_size=image_size,
+        loader=LoaderConfig(batch_size=4, num_workers=0),
     )
     trainer = L.Trainer(
         accelerator="cpu",

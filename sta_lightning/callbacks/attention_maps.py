@@ -2,12 +2,13 @@
 
 from collections.abc import Sequence
 
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from sta_lightning.callbacks.drawing import association_panel, spread_tokens, token_weight_map
 from sta_lightning.callbacks.image_logging import log_images
 from sta_lightning.callbacks.validation_samples import ValidationSamplesCallback
-from sta_lightning.visualize import association_panel, spread_tokens, token_weight_map
+from sta_lightning.training.module import DetectionModule
 
 CORNER_QUARTERS = ((0.25, 0.25), (0.25, 0.75), (0.75, 0.25), (0.75, 0.75))
 
@@ -42,7 +43,7 @@ class AttentionMapsCallback(ValidationSamplesCallback):
         self.cmap = cmap
         self.key = key
 
-    def log_samples(self, trainer: Trainer, pl_module: LightningModule, samples: dict) -> None:
+    def log_samples(self, trainer: Trainer, pl_module: DetectionModule, samples: dict) -> None:
         detector = pl_module.model
         with detector.capture_associations() as associations:
             detector(pl_module.model_input(samples["images"]))

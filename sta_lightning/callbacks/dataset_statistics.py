@@ -5,18 +5,21 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from sta_lightning.callbacks.chart_logging import log_chart
-from sta_lightning.charts import bar_chart, histograms_chart
-from sta_lightning.metrics.dataset_statistics import (
+from sta_lightning.callbacks.charts import bar_chart, histograms_chart
+from sta_lightning.data.datamodule import COCODataModule
+from sta_lightning.data.dataset import CocoDetectionDataset
+from sta_lightning.data.statistics import (
     SplitStatistics,
     aspect_bins,
     histogram,
     size_bins,
     split_statistics,
 )
+from sta_lightning.training.module import DetectionModule
 
 SUMMARY_COLUMNS = ["split", "images", "images_without_boxes", "boxes", "crowd_regions"]
 
@@ -41,12 +44,15 @@ class DatasetStatisticsCallback(Callback):
     def __init__(self, key: str = "data") -> None:
         self.key = key
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_fit_start(self, trainer: Trainer, pl_module: DetectionModule) -> None:
         if not trainer.is_global_zero:
             return
-        names = list(pl_module.class_names)
-        datasets = getattr(trainer.datamodule, "datasets", {})
-        indexed = {split: dataset for split, dataset in datasets.items() if hasattr(dataset, "index")}
+        names = pl_module.classes.names
+        datamodule = trainer.datamodule
+        datasets = datamodule.datasets if isinstance(datamodule, COCODataModule) else {}
+        indexed = {
+            split: dataset for split, dataset in datasets.items() if isinstance(dataset, CocoDetectionDataset)
+        }
         if not indexed:
             return
         statistics = {

@@ -6,13 +6,14 @@ from __future__ import annotations
 from types import ModuleType
 
 import numpy as np
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 
 from sta_lightning.callbacks.chart_logging import log_chart, log_numbers
-from sta_lightning.charts import bar_chart, confusion_chart, curves_chart
+from sta_lightning.callbacks.charts import bar_chart, confusion_chart, curves_chart
 from sta_lightning.metrics.confusion import CONFIDENCE, IOU, normalize_rows
 from sta_lightning.metrics.curves import F1Curve, IoUChoice, PrecisionRecallCurves, f1_confidence_curve
+from sta_lightning.training.module import DetectionModule
 
 # (IoU choice, key suffix, COCO statistic it averages to)
 PR_CURVES: tuple[tuple[IoUChoice, str, str], ...] = (
@@ -36,7 +37,7 @@ class EvaluationPlotsCallback(Callback):
 
     Each goes to W&B as a native chart (line series, confusion matrix, bar chart), to TensorBoard as an
     image, and to ``<run folder>/plots/`` as PNG and CSV (the latest validation's). Reads what the module's
-    evaluation computed (``DetectionModule.coco_metrics``: "curves", "confusion_matrix"), no second
+    evaluation computed (``DetectionModule.evaluation.metrics``: "curves", "confusion_matrix"), no second
     evaluation.
 
     Args:
@@ -50,14 +51,15 @@ class EvaluationPlotsCallback(Callback):
         self.every_n_epochs = every_n_epochs
         self.key = key
 
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        metrics = getattr(pl_module, "coco_metrics", None)
+    def on_validation_end(self, trainer: Trainer, pl_module: DetectionModule) -> None:
+        metrics = pl_module.evaluation.metrics
         if trainer.sanity_checking or not trainer.is_global_zero or not metrics or "curves" not in metrics:
             return
         if trainer.state.fn == TrainerFn.FITTING and (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         curves: PrecisionRecallCurves = metrics["curves"]
-        name_of = dict(zip(pl_module.category_ids, pl_module.class_names, strict=True))
+        classes = pl_module.classes
+        name_of = dict(zip(classes.category_ids, classes.names, strict=True))
         names = [name_of.get(int(category_id), str(category_id)) for category_id in curves.category_ids]
         for iou, suffix, stat in PR_CURVES:
             self._log_pr_curve(trainer, curves, names, iou, f"{self.key}/pr_curve_{suffix}", metrics[stat])

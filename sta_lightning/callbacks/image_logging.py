@@ -14,7 +14,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 
-from sta_lightning.visualize import draw_detections
+from sta_lightning.callbacks.drawing import draw_detections
 
 # Colours for box groups drawn into static images (loggers without interactive boxes).
 BOX_GROUP_COLORS = {"predictions": (0, 255, 0), "ground_truth": (255, 64, 64)}

@@ -2,10 +2,11 @@
 
 from typing import Any
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import WandbLogger
 
 from sta_lightning.metrics.coco import COCO_STATS
+from sta_lightning.training.module import DetectionModule
 
 
 def coco_stat_rows(metrics: dict) -> list[list]:
@@ -26,9 +27,9 @@ def per_class_rows(
 class COCOMetricTableCallback(Callback):
     """After each validation, W&B tables of the COCO statistics and per-class AP; ``best/mAP`` in the summary.
 
-    Reads the metrics dict that the module's last validation computed (``DetectionModule.coco_metrics``: the
-    12 ``evaluate_coco`` keys plus "map_per_class"; class names and category ids from the module too); only
-    W&B loggers get tables. Logged on global rank 0 only
+    Reads the metrics dict that the module's last validation computed (``DetectionModule.evaluation.metrics``:
+    the 12 ``evaluate_coco`` keys plus "map_per_class"; the classes from the module too); only W&B loggers
+    get tables. Logged on global rank 0 only
     (every rank holds the same metrics). Tables: ``<key>`` with columns metric, description, value (12 rows)
     and ``<key>_per_class`` with class_index, category_id, class, AP. The best mAP and its epoch survive a
     resume from checkpoint (callback state).
@@ -39,8 +40,8 @@ class COCOMetricTableCallback(Callback):
         self.best_map = float("-inf")
         self.best_epoch = -1
 
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        metrics = getattr(pl_module, "coco_metrics", None)
+    def on_validation_end(self, trainer: Trainer, pl_module: DetectionModule) -> None:
+        metrics = pl_module.evaluation.metrics
         if trainer.sanity_checking or not trainer.is_global_zero or not metrics:
             return
         wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
@@ -50,7 +51,8 @@ class COCOMetricTableCallback(Callback):
         for logger in wandb_loggers:
             logger.log_table(self.key, ["metric", "description", "value"], coco_stat_rows(metrics), step=step)
             if "map_per_class" in metrics:
-                rows = per_class_rows(metrics["map_per_class"], pl_module.category_ids, pl_module.class_names)
+                classes = pl_module.classes
+                rows = per_class_rows(metrics["map_per_class"], classes.category_ids, classes.names)
                 logger.log_table(
                     f"{self.key}_per_class", ["class_index", "category_id", "class", "AP"], rows, step=step
                 )

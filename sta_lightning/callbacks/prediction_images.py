@@ -3,11 +3,13 @@
 from collections.abc import Sequence
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Trainer
 from torchvision.ops import clip_boxes_to_image
 
 from sta_lightning.callbacks.image_logging import log_images
 from sta_lightning.callbacks.validation_samples import ValidationSamplesCallback
+from sta_lightning.models import NMSConfig
+from sta_lightning.training.module import DetectionModule
 
 
 def wandb_box_group(
@@ -71,15 +73,10 @@ class PredictionImagesCallback(ValidationSamplesCallback):
         self.max_det = max_det
         self.key = key
 
-    def log_samples(self, trainer: Trainer, pl_module: LightningModule, samples: dict) -> None:
-        detections = pl_module.predict_batch(
-            samples["images"],
-            conf_threshold=self.conf_threshold,
-            iou_threshold=self.iou_threshold,
-            max_det=self.max_det,
-            multi_label=False,
-        )
-        names = pl_module.class_names
+    def log_samples(self, trainer: Trainer, pl_module: DetectionModule, samples: dict) -> None:
+        nms = NMSConfig(self.conf_threshold, self.iou_threshold, self.max_det, multi_label=False)
+        detections = pl_module.predict_batch(samples["images"], nms)
+        names = pl_module.classes.names
         images = list(samples["images"].permute(0, 2, 3, 1).cpu().numpy())
         boxes, captions = [], []
         for index, (image_id, predicted) in enumerate(

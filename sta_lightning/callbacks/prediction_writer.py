@@ -13,11 +13,12 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
+from sta_lightning.callbacks.drawing import draw_detections
 from sta_lightning.callbacks.image_logging import run_folder
 from sta_lightning.distributed import gather_on_rank_zero
 from sta_lightning.geometry import read_image
 from sta_lightning.metrics.coco import coco_results
-from sta_lightning.visualize import draw_detections
+from sta_lightning.training.module import DetectionModule
 
 DETECTIONS_FILE = "predictions.json"
 IMAGES_FILE = "images.json"
@@ -71,15 +72,16 @@ class PredictionWriter(BasePredictionWriter):
         for result in prediction:
             self._results.append({**result, "detections": result["detections"].numpy()})
 
-    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: DetectionModule) -> None:
         results = gather_on_rank_zero(self._results)
         if results is not None:  # global rank 0
             unique = {result["image_id"]: result for result in results}
             self.write(sorted(unique.values(), key=lambda r: r["image_id"]), trainer, pl_module)
         self._results = []
 
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        detections = getattr(getattr(pl_module, "evaluator", None), "last_detections", None)
+    def on_test_end(self, trainer: L.Trainer, pl_module: DetectionModule) -> None:
+        evaluator = pl_module.evaluation.evaluator
+        detections = None if evaluator is None else evaluator.last_detections
         if detections is None or not trainer.is_global_zero:
             return
         path = Path(run_folder(trainer)) / TEST_RESULTS_FILE
@@ -93,10 +95,9 @@ class PredictionWriter(BasePredictionWriter):
             return Path(self.output_dir)
         return Path(run_folder(trainer)) / "predictions"  # on rank 0 only: no trainer.log_dir broadcast
 
-    def write(self, results: list[dict[str, Any]], trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def write(self, results: list[dict[str, Any]], trainer: L.Trainer, pl_module: DetectionModule) -> None:
         """Write the json files (and images) of ``results`` (one dict per image, see ``predict_step``)."""
-        category_ids = list(pl_module.category_ids)
-        class_names = list(pl_module.class_names)
+        category_ids, class_names = pl_module.classes.category_ids, pl_module.classes.names
         output_dir = self.resolved_output_dir(trainer)
         output_dir.mkdir(parents=True, exist_ok=True)
         detections, images = [], []

@@ -11,10 +11,10 @@ train/eval mode is restored afterwards.
 """
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 
-from sta_lightning.training.module import evaluation_mode
+from sta_lightning.training.module import DetectionModule, evaluation_mode
 
 
 class ValidationSamplesCallback(Callback):
@@ -35,7 +35,7 @@ class ValidationSamplesCallback(Callback):
     def on_validation_batch_end(
         self,
         trainer: Trainer,
-        pl_module: LightningModule,
+        pl_module: DetectionModule,
         outputs: object,
         batch: object,
         batch_idx: int,
@@ -50,7 +50,7 @@ class ValidationSamplesCallback(Callback):
         with torch.no_grad(), evaluation_mode(pl_module.model):
             self.log_samples(trainer, pl_module, samples)
 
-    def log_samples(self, trainer: Trainer, pl_module: LightningModule, samples: dict) -> None:
+    def log_samples(self, trainer: Trainer, pl_module: DetectionModule, samples: dict) -> None:
         """Run ``samples`` (a collated batch, see ``sta_lightning.data``) through the detector; log it."""
         raise NotImplementedError
 

@@ -1,7 +1,34 @@
-"""sta_lightning.data."""
+"""sta_lightning.data: detection data, from annotation files to batches.
 
-from sta_lightning.data.coco import AnnotationError, DataWarning
-from sta_lightning.data.datamodule import COCODataModule, DemoDataModule
-from sta_lightning.geometry import boxes_to_original
+Parsing, image checks, the scan cache, datasets and transforms import without Lightning. The datamodules
+(``COCODataModule``, ``DemoDataModule``) import Lightning, so they load on first access (PEP 562).
+"""
 
-__all__ = ["AnnotationError", "COCODataModule", "DataWarning", "DemoDataModule", "boxes_to_original"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from sta_lightning.data.config import AugmentConfig, LoaderConfig, PredictSource, Split
+from sta_lightning.data.errors import AnnotationError, DataWarning
+
+if TYPE_CHECKING:
+    from sta_lightning.data.datamodule import COCODataModule, DemoDataModule
+
+_DATAMODULES = ("COCODataModule", "DemoDataModule")
+__all__ = [
+    "AnnotationError",
+    "AugmentConfig",
+    "COCODataModule",
+    "DataWarning",
+    "DemoDataModule",
+    "LoaderConfig",
+    "PredictSource",
+    "Split",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DATAMODULES:
+        return getattr(importlib.import_module("sta_lightning.data.datamodule"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

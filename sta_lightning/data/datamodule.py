@@ -15,22 +15,36 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from sta_lightning.data.coco import DataWarning, load_coco_index, read_categories
+from sta_lightning.classes import Classes
+from sta_lightning.data.coco_index import load_coco_index
+from sta_lightning.data.coco_json import read_categories
+from sta_lightning.data.config import (
+    DEFAULT_IMAGE_SIZE,
+    AugmentConfig,
+    LoaderConfig,
+    PredictSource,
+    Split,
+    plain,
+)
 from sta_lightning.data.dataset import (
     CocoDetectionDataset,
     ImageFolderDataset,
     collate_detection,
     list_image_files,
 )
+from sta_lightning.data.errors import EXAMPLES_SHOWN, DataWarning, warn_data
 from sta_lightning.data.transforms import TrainAugmentation
+from sta_lightning.models.yolo import check_image_size
 
 _EVAL_STAGES = {"fit": "val", "validate": "val", "test": "test"}
 
@@ -39,130 +53,84 @@ _EVAL_STAGES = {"fit": "val", "validate": "val", "test": "test"}
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", module=r"torchdata\.")
 
 
-class COCODataModule(L.LightningDataModule):
-    """COCO instances data: images folders + annotation json per split, or images alone for prediction.
+@contextmanager
+def data_warnings_on_rank_zero() -> Iterator[None]:
+    """Within the block, ``DataWarning``s show on global rank 0 only (every rank reads the same data)."""
+    with warnings.catch_warnings():
+        if rank_zero_only.rank != 0:
+            warnings.simplefilter("ignore", DataWarning)
+        yield
 
-    Args:
-        train_images, train_annotations: training image folder and instances json (needed by ``fit``).
-        val_images, val_annotations: validation split (needed by ``fit`` and ``validate``).
-        test_images, test_annotations: test split; ``test`` uses the validation split when they are not given.
-        predict_images: an image file, a folder of images, or a list of image files (needed by ``predict``);
-            with ``predict_annotations``, the folder of that file's images.
-        predict_annotations: a COCO json listing the images to predict (``images`` and ``categories``;
-            ``annotations`` may be empty): the predictions carry its image and category ids and are in its
-            pixel frame; listed images missing from the folder are skipped with a DataWarning.
-        image_size: input size S (square, a multiple of 32).
-        batch_size: images per batch and per device.
-        num_workers: DataLoader processes; None picks min(8, CPU count).
-        mosaic: probability of a 4-image mosaic per training sample.
-        close_mosaic: no mosaic in the last this many epochs.
-        degrees, translate, scale: affine rotation (+-degrees), translation (+-fraction of S), scale
-            (factor U[1 - scale, 1 + scale]).
-        hsv_h, hsv_s, hsv_v: colour jitter of hue (fraction of a turn), saturation and value (factor ranges).
-        fliplr: horizontal flip probability.
-        pin_memory: pin batches in page-locked memory (for GPU training).
-        persistent_workers: keep the DataLoader workers from one epoch (and validation) to the next instead of
-            starting them anew (with num_workers > 0).
+
+class COCODataModule(L.LightningDataModule):
+    """COCO instances data: an images folder and annotation json per split, or images alone for prediction.
+
+    Args (one config group each, documented on their classes in ``sta_lightning.data.config``):
+        train, val: ``Split`` (images folder, annotation json); ``fit`` needs train, ``validate`` val.
+        test: ``Split``; ``test`` evaluates the val split when it is not given.
+        predict: ``PredictSource``: images (file, folder or list), optionally with an annotation json.
+        image_size: input size S (square, a multiple of 32). None: 640, or with ``--ckpt_path`` the size the
+            checkpoint was trained at (the CLI fills it in).
+        loader: ``LoaderConfig``: batch size, workers, pinned memory, persistent workers.
+        augment: ``AugmentConfig``: mosaic, affine, HSV and flip of training samples.
 
     Category ids of any range (COCO's 1..90 with gaps) map to class indices 0..K-1 in sorted id order;
-    ``num_classes``, ``class_names`` and ``category_ids`` are read from the val (else train, else test)
-    json at construction, so LightningCLI can link them to the model.
+    ``classes`` are read from the val (else train, else test, else predict) json at construction, so
+    LightningCLI can link them to the model.
     """
 
     def __init__(
         self,
-        train_images: str | None = None,
-        train_annotations: str | None = None,
-        val_images: str | None = None,
-        val_annotations: str | None = None,
-        test_images: str | None = None,
-        test_annotations: str | None = None,
-        predict_images: str | list[str] | None = None,
-        predict_annotations: str | None = None,
-        image_size: int = 640,
-        batch_size: int = 16,
-        num_workers: int | None = None,
-        mosaic: float = 1.0,
-        close_mosaic: int = 10,
-        degrees: float = 0.0,
-        translate: float = 0.1,
-        scale: float = 0.5,
-        hsv_h: float = 0.015,
-        hsv_s: float = 0.7,
-        hsv_v: float = 0.4,
-        fliplr: float = 0.5,
-        pin_memory: bool = False,
-        persistent_workers: bool = True,
+        train: Split | None = None,
+        val: Split | None = None,
+        test: Split | None = None,
+        predict: PredictSource | None = None,
+        image_size: int | None = None,
+        loader: LoaderConfig = LoaderConfig(),
+        augment: AugmentConfig = AugmentConfig(),
     ) -> None:
         super().__init__()
-        if image_size <= 0 or image_size % 32:
-            raise ValueError(
-                f"image_size must be a positive multiple of 32 (the largest stride), got {image_size}"
-            )
-        if bool(test_images) != bool(test_annotations):
-            raise ValueError(
-                "give test_images and test_annotations together (without both, 'test' evaluates the "
-                f"validation split), got test_images={test_images!r}, test_annotations={test_annotations!r}"
-            )
-        self.save_hyperparameters()
-        self.splits = {
-            "train": (train_images, train_annotations),
-            "val": (val_images, val_annotations),
-            "test": (test_images, test_annotations) if test_annotations else (val_images, val_annotations),
-        }
-        self.predict_images = predict_images
-        self.predict_annotations = predict_annotations
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
-        self.mosaic = mosaic
-        self.close_mosaic = close_mosaic
-        self.augmentation_args = dict(
-            degrees=degrees,
-            translate=translate,
-            scale=scale,
-            hsv_h=hsv_h,
-            hsv_s=hsv_s,
-            hsv_v=hsv_v,
-            fliplr=fliplr,
+        self.image_size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
+        check_image_size(self.image_size, owner="data.image_size")
+        groups = dict(train=train, val=val, test=test, predict=predict, loader=loader, augment=augment)
+        self.save_hyperparameters(
+            {**{name: plain(group) for name, group in groups.items()}, "image_size": self.image_size}
         )
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
+        self.splits: dict[str, Split | None] = {"train": train, "val": val, "test": test or val}
+        self.predict = predict
+        self.loader = loader
+        self.num_workers = min(8, os.cpu_count() or 1) if loader.num_workers is None else loader.num_workers
+        self.augment = augment
         self.datasets: dict[str, CocoDetectionDataset | ImageFolderDataset] = {}
-        self._categories = self._read_categories()
+        self._classes = self._read_classes()
 
-    def _read_categories(self) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
-        """(category ids, names) of the first annotation file given (val, train, test, predict), or None."""
-        files = [self.splits[split][1] for split in ("val", "train", "test")] + [self.predict_annotations]
-        for annotation_file in files:
-            if annotation_file:
-                return read_categories(annotation_file)
-        return None
+    def _read_classes(self) -> Classes | None:
+        """The categories of the first annotation file given (val, train, test, predict), or None."""
+        files = [
+            split.annotations
+            for split in (self.splits["val"], self.splits["train"], self.splits["test"])
+            if split
+        ]
+        if self.predict is not None and self.predict.annotations:
+            files.append(self.predict.annotations)
+        if not files:
+            return None
+        category_ids, names = read_categories(files[0])
+        return Classes(list(names), list(category_ids))
 
-    def _require_categories(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
-        if self._categories is None:
+    @property
+    def classes(self) -> Classes:
+        """The classes of the data (RuntimeError when no annotation file was given)."""
+        if self._classes is None:
             raise RuntimeError(
-                "the classes are unknown: this datamodule was given no annotation file "
-                "(set train_annotations or val_annotations)"
+                "the classes are unknown: this datamodule was given no annotation file (set train or val)"
             )
-        return self._categories
-
-    @property
-    def num_classes(self) -> int:
-        return len(self._require_categories()[0])
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self._require_categories()[1])
-
-    @property
-    def category_ids(self) -> list[int]:
-        """COCO category id of each contiguous class index."""
-        return list(self._require_categories()[0])
+        return self._classes
 
     def annotation_file(self, stage: str = "validate") -> str | None:
         """The annotation json that evaluation of ``stage`` ('fit', 'validate' or 'test') reads."""
-        return self.splits[_EVAL_STAGES[stage]][1]
+        split = self.splits[_EVAL_STAGES[stage]]
+        return split.annotations if split else None
 
     @property
     def data_seed(self) -> int:
@@ -173,81 +141,92 @@ class COCODataModule(L.LightningDataModule):
         """Check every split's annotation file and images once per node (Lightning calls this on local rank
         0 only, before ``setup``), so that the ranks' ``setup`` read the cached index instead of each
         scanning the images."""
-        for image_dir, annotation_file in dict.fromkeys(self.splits.values()):
-            if image_dir and annotation_file:
-                load_coco_index(annotation_file, image_dir, scan_workers=max(1, self.num_workers))
+        with data_warnings_on_rank_zero():
+            for split in dict.fromkeys(split for split in self.splits.values() if split):
+                load_coco_index(split.annotations, split.images, scan_workers=max(1, self.num_workers))
 
-    def _load_split(self, split: str, stage: str) -> CocoDetectionDataset:
-        images, annotations = self.splits[split]
-        if not images or not annotations:
-            needed = (
-                "test_images and test_annotations (or val_images and val_annotations)"
-                if split == "test"
-                else f"{split}_images and {split}_annotations"
-            )
-            raise ValueError(f"'{stage}' needs {needed}")
-        index = load_coco_index(annotations, images, scan_workers=max(1, self.num_workers))
-        expected_ids, expected_names = self._require_categories()
-        if index.category_ids != expected_ids:
+    def _load_split(self, name: str, stage: str) -> CocoDetectionDataset:
+        split = self.splits[name]
+        if split is None:
+            needed = "test (or val)" if name == "test" else name
+            raise ValueError(f"'{stage}' needs the data's {needed} split (images and annotations)")
+        index = load_coco_index(split.annotations, split.images, scan_workers=max(1, self.num_workers))
+        expected = self.classes
+        if list(index.category_ids) != expected.category_ids:
             raise ValueError(
-                f"{annotations}: its categories {list(index.category_ids)} differ from the ones the model "
-                f"was built for {list(expected_ids)} (read from the first annotation file given)"
+                f"{split.annotations}: its categories {list(index.category_ids)} differ from the ones the "
+                f"model was built for {expected.category_ids} (read from the first annotation file given)"
             )
-        if index.class_names != expected_names:
-            rank_zero_warn(
-                f"{annotations}: the same category ids carry other names {list(index.class_names)} than in "
-                f"the first annotation file given {list(expected_names)}; plots and tables use the latter",
-                category=DataWarning,
+        if list(index.class_names) != expected.names:
+            warn_data(
+                f"{split.annotations}: the same category ids carry other names {list(index.class_names)} "
+                f"than in the first annotation file given {expected.names}; plots and tables use the latter"
             )
         if not len(index.boxes):
-            rank_zero_warn(
-                f"{annotations}: no object is annotated, so '{stage}' has nothing to learn from or to score "
-                "(an image info file names images to predict: give it as predict_annotations)",
-                category=DataWarning,
+            warn_data(
+                f"{split.annotations}: no object is annotated, so '{stage}' has nothing to learn from or to "
+                "score (an image info file names images to predict: give it as predict.annotations)"
             )
-        if split != "train":
+        if name != "train":
             return CocoDetectionDataset(index, self.image_size)
-        augmentation = TrainAugmentation(self.image_size, **self.augmentation_args)
-        dataset = CocoDetectionDataset(index, self.image_size, augmentation, mosaic=self.mosaic)
+        augmentation = TrainAugmentation(self.image_size, self.augment)
+        dataset = CocoDetectionDataset(
+            index,
+            self.image_size,
+            augmentation,
+            mosaic=self.augment.mosaic,
+            cache=self.loader.cache,
+            reduced_decoding=self.loader.reduced_decoding,
+        )
+        if dataset.cache is not None:
+            rank_zero_info(
+                f"Image cache: {len(index)} images of {index.image_dir} at {self.image_size} px in "
+                f"{dataset.cache.nbytes / 2**20:.1f} MiB of shared memory"
+            )
         dataset.seed = self.data_seed
         return dataset
 
     def setup(self, stage: str) -> None:
-        if stage == "fit":
-            self.datasets["train"] = self._load_split("train", stage)
-            if self.splits["val"][1]:
-                self.datasets["val"] = self._load_split("val", stage)
-        elif stage in ("validate", "test"):
-            split = _EVAL_STAGES[stage]
-            self.datasets[split] = self._load_split(split, stage)
-        elif stage == "predict" and self.predict_annotations:
-            self.datasets["predict"] = self._annotated_predict_images()
-        elif stage == "predict":
-            if not self.predict_images:
-                raise ValueError("'predict' needs predict_images: an image file, a folder or a list of files")
-            paths, bad = list_image_files(self.predict_images)
-            if bad:
-                examples = ", ".join(f"{path} ({reason})" for path, reason in bad[:5])
-                rank_zero_warn(
-                    f"{len(bad)} of {len(paths) + len(bad)} images to predict are missing, unreadable or "
-                    f"corrupt and are skipped. First: {examples}",
-                    category=DataWarning,
-                )
-            if not paths:
-                raise ValueError(f"no readable image to predict in {self.predict_images}")
-            self.datasets["predict"] = ImageFolderDataset(paths, self.image_size)
+        with data_warnings_on_rank_zero():
+            if stage == "fit":
+                self.datasets["train"] = self._load_split("train", stage)
+                if self.splits["val"]:
+                    self.datasets["val"] = self._load_split("val", stage)
+            elif stage in ("validate", "test"):
+                split = _EVAL_STAGES[stage]
+                self.datasets[split] = self._load_split(split, stage)
+            elif stage == "predict":
+                self.datasets["predict"] = self._predict_images()
+
+    def _predict_images(self) -> ImageFolderDataset:
+        if self.predict is None:
+            raise ValueError(
+                "'predict' needs data.predict.images: an image file, a folder or a list of files"
+            )
+        if self.predict.annotations:
+            return self._annotated_predict_images()
+        paths, bad = list_image_files(self.predict.images)
+        if bad:
+            examples = ", ".join(f"{path} ({reason})" for path, reason in bad[:EXAMPLES_SHOWN])
+            warn_data(
+                f"{len(bad)} of {len(paths) + len(bad)} images to predict are missing, unreadable or corrupt "
+                f"and are skipped. First: {examples}"
+            )
+        if not paths:
+            raise ValueError(f"no readable image to predict in {self.predict.images}")
+        return ImageFolderDataset(paths, self.image_size)
 
     def _annotated_predict_images(self) -> ImageFolderDataset:
-        """The images of ``predict_annotations`` found in the ``predict_images`` folder, with their ids and
+        """The images of ``predict.annotations`` found in the ``predict.images`` folder, with their ids and
         frames (the scan warns about, and leaves out, missing or unreadable ones)."""
-        if not isinstance(self.predict_images, str | os.PathLike):
+        images, annotations = self.predict.images, self.predict.annotations
+        if not isinstance(images, str | os.PathLike):
             raise ValueError(
-                "with predict_annotations, predict_images must be the folder of its images, got "
-                f"{self.predict_images!r}"
+                f"with predict.annotations, predict.images must be the folder of its images, got {images!r}"
             )
-        index = load_coco_index(self.predict_annotations, self.predict_images, max(1, self.num_workers))
+        index = load_coco_index(annotations, images, max(1, self.num_workers))
         if not len(index):
-            raise ValueError(f"no image of {self.predict_annotations} is readable in {self.predict_images}")
+            raise ValueError(f"no image of {annotations} is readable in {images}")
         paths = [index.image_path(i) for i in range(len(index))]
         return ImageFolderDataset(
             paths, self.image_size, index.image_ids.tolist(), index.exif_oriented.tolist()
@@ -259,9 +238,10 @@ class COCODataModule(L.LightningDataModule):
         dataset = self.datasets.get("train")
         if dataset is None:
             return
-        enabled = max_epochs is None or max_epochs < 0 or epoch < max_epochs - self.close_mosaic
-        if dataset.mosaic_enabled and not enabled and self.mosaic > 0:
-            rank_zero_info(f"Mosaic off from epoch {epoch} (the last {self.close_mosaic} epochs)")
+        close_mosaic = self.augment.close_mosaic
+        enabled = max_epochs is None or max_epochs < 0 or epoch < max_epochs - close_mosaic
+        if dataset.mosaic_enabled and not enabled and self.augment.mosaic > 0:
+            rank_zero_info(f"Mosaic off from epoch {epoch} (the last {close_mosaic} epochs)")
         dataset.mosaic_enabled = enabled
         dataset.epoch = epoch
 
@@ -272,11 +252,11 @@ class COCODataModule(L.LightningDataModule):
 
     def _loader_args(self) -> dict:
         return dict(
-            batch_size=self.batch_size,
+            batch_size=self.loader.batch_size,
             num_workers=self.num_workers,
             collate_fn=collate_detection,
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
-            pin_memory=self.pin_memory,
+            persistent_workers=self.loader.persistent_workers and self.num_workers > 0,
+            pin_memory=self.loader.pin_memory,
             # Worker seeds come from this generator instead of torch's global one, whose draws belong to the
             # model (drop path) and are restored on resume.
             generator=torch.Generator().manual_seed(self.data_seed),
@@ -320,6 +300,9 @@ class COCODataModule(L.LightningDataModule):
         return self._evaluation_loader("predict")
 
 
+DEMO_IMAGE_SIZE = 320
+
+
 class DemoDataModule(COCODataModule):
     """The synthetic shapes of ``sta_lightning.data.demo`` under ``root``, generated by ``prepare_data``.
 
@@ -327,9 +310,10 @@ class DemoDataModule(COCODataModule):
         root: folder of the dataset (``train/``, ``val/``, ``annotations/``); generated when missing or made
             with other settings.
         num_train, num_val, seed: generator settings.
-        image_size, batch_size, **kwargs: as for COCODataModule (its augmentation and loader arguments).
+        image_size: input size S; None: 320, or with ``--ckpt_path`` the checkpoint's training size.
+        loader, augment: as for COCODataModule.
 
-    The classes are fixed by the generator, so ``num_classes`` works before the files exist.
+    The classes are fixed by the generator, so ``classes`` works before the files exist.
     """
 
     # The generator module is imported where it is used: importing it with the package would make
@@ -341,28 +325,25 @@ class DemoDataModule(COCODataModule):
         num_train: int = 400,
         num_val: int = 100,
         seed: int = 0,
-        image_size: int = 320,
-        batch_size: int = 16,
-        **kwargs,
+        image_size: int | None = None,
+        loader: LoaderConfig = LoaderConfig(),
+        augment: AugmentConfig = AugmentConfig(),
     ) -> None:
         from sta_lightning.data import demo
 
         self.root = Path(root)
         self.generator_settings = dict(num_train=num_train, num_val=num_val, seed=seed)
-        super().__init__(
-            train_images=str(self.root / "train"),
-            train_annotations=str(demo.annotation_path(self.root, "train")),
-            val_images=str(self.root / "val"),
-            val_annotations=str(demo.annotation_path(self.root, "val")),
-            image_size=image_size,
-            batch_size=batch_size,
-            **kwargs,
-        )
+        splits = {
+            name: Split(str(self.root / name), str(demo.annotation_path(self.root, name)))
+            for name in ("train", "val")
+        }
+        size = DEMO_IMAGE_SIZE if image_size is None else image_size
+        super().__init__(**splits, image_size=size, loader=loader, augment=augment)
 
-    def _read_categories(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    def _read_classes(self) -> Classes:
         from sta_lightning.data import demo
 
-        return demo.DEMO_CATEGORY_IDS, demo.DEMO_CLASS_NAMES
+        return Classes(list(demo.DEMO_CLASS_NAMES), list(demo.DEMO_CATEGORY_IDS))
 
     def prepare_data(self) -> None:
         from sta_lightning.data import demo

@@ -1,22 +1,25 @@
 """Datasets turning a CocoIndex (or image files) into letterboxed or augmented samples; the batch collate.
 
 A sample is a dict: ``image`` (3, S, S) uint8 RGB, ``boxes`` (n, 4) float32 xyxy input pixels, ``labels`` (n,)
-int64, ``image_id`` int, ``orig_size`` (h, w), ``scale`` float and ``pad`` (x, y) such that
-original = (box - pad) / scale. For augmented training samples ``scale`` is the long-side resize ratio and
+int64, ``image_id`` int, ``orig_size`` (h, w), ``ratio`` float and ``pad`` (x, y) such that
+original = (box - pad) / ratio. For augmented training samples ``ratio`` is the long-side resize ratio and
 ``pad`` is (0, 0): after mosaic and affine no single mapping back exists, and none is needed.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sta_lightning.data.coco import CocoIndex, check_image_file
+from sta_lightning.data.coco_index import CocoIndex
+from sta_lightning.data.image_cache import SharedImageCache
+from sta_lightning.data.image_scan import check_image_file
 from sta_lightning.data.transforms import TrainAugmentation
-from sta_lightning.geometry import letterbox, read_image, resize_long_side
+from sta_lightning.geometry import letterbox, read_image, read_resized, resize_long_side, resized_shape
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -34,7 +37,16 @@ class CocoDetectionDataset(Dataset):
 
     The random draws of training sample i (mosaic or not, its partners, the whole augmentation) are a
     function of (``seed``, ``epoch``, i) alone: the same on any process, in any DataLoader worker, whatever
-    came before. So a resumed fit, another worker count or another DDP layout see the same samples.
+    came before. So a resumed fit, another worker count or another DDP layout see the same samples. They are
+    drawn before any image is read; mosaic images of which the augmented sample shows nothing are not read.
+
+    ``reduced_decoding`` (off by default): training samples decode a JPEG at least twice the size they need
+    at 1/2, 1/4 or 1/8 (``geometry.read_resized``): the same boxes, but pixels that differ from what
+    evaluation, prediction and deployment decode (on coco128 by 1.7 grey levels on average at 320 px, 5 at
+    256 px), for a decode 15-25 % faster on COCO-sized photos; worth it for photos many times the input size.
+    Evaluation samples (no ``augmentation``) are always decoded in full.
+    ``cache``: "ram" decodes every image once, up front, into shared memory that all DataLoader workers read
+    (``SharedImageCache``; ``cache.nbytes`` is its size: the resized images' bytes); samples stay the same.
     """
 
     def __init__(
@@ -43,13 +55,21 @@ class CocoDetectionDataset(Dataset):
         image_size: int,
         augmentation: TrainAugmentation | None = None,
         mosaic: float = 1.0,
+        cache: Literal["ram"] | None = None,
+        reduced_decoding: bool = False,
     ) -> None:
+        if cache not in (None, "ram"):
+            raise ValueError(f"cache must be None or 'ram', got {cache!r}")
         self.index = index
         self.image_size = image_size
         self.augmentation = augmentation
         self.mosaic = mosaic
+        self.reduced_decoding = reduced_decoding and augmentation is not None
         self.seed = 0  # base seed of the training augmentation
         self._epoch_state = torch.tensor([0, 1], dtype=torch.int64).share_memory_()  # epoch, mosaic on
+        self.cache = None
+        if cache == "ram":
+            self.cache = SharedImageCache([self.resized_shape(i) for i in range(len(index))], self._read)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -70,33 +90,58 @@ class CocoDetectionDataset(Dataset):
     def mosaic_enabled(self, enabled: bool) -> None:
         self._epoch_state[1] = int(enabled)
 
+    def resized_shape(self, i: int) -> tuple[int, int]:
+        """(h, w) of image i at long side S."""
+        return resized_shape(self.index.sizes[i], self.image_size)
+
+    def _read(self, i: int) -> np.ndarray:
+        return read_resized(
+            self.index.image_path(i),
+            self.index.sizes[i],
+            self.image_size,
+            bool(self.index.exif_oriented[i]),
+            reduced=self.reduced_decoding,
+        )
+
+    def load_image(self, i: int) -> np.ndarray:
+        """Image i at long side S: (h, w, 3) uint8 RGB (a read-only view when cached)."""
+        return self._read(i) if self.cache is None else self.cache[i]
+
+    def load_targets(self, i: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """Boxes (n, 4) float32 xyxy of image i in pixels at long side S, labels (n,) int64, and the ratio."""
+        boxes, labels = self.index.targets(i)
+        ratio = self.image_size / max(int(v) for v in self.index.sizes[i])
+        return boxes * np.float32(ratio), labels.copy(), ratio
+
     def load_resized(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         """Image i resized to long side S, its boxes (n, 4) in resized pixels, labels (n,), and the ratio."""
-        image = read_image(self.index.image_path(i), bool(self.index.exif_oriented[i]))
-        image, ratio = resize_long_side(image, self.image_size)
-        boxes, labels = self.index.targets(i)
-        return image, boxes * np.float32(ratio), labels.copy(), ratio
+        return self.load_image(i), *self.load_targets(i)
 
     def __getitem__(self, i: int) -> dict:
-        image, boxes, labels, ratio = self.load_resized(i)
         if self.augmentation is None:
+            image, boxes, labels, ratio = self.load_resized(i)
             image, pad = letterbox(image, self.image_size)
             boxes = boxes + np.asarray(pad * 2, dtype=np.float32)
         else:
             rng = np.random.default_rng(sample_seed(self.seed, self.epoch, i, stream=0))
             self.augmentation.reseed(sample_seed(self.seed, self.epoch, i, stream=1))
-            partners = None
+            indices = [i]
             if self.mosaic_enabled and self.mosaic > 0 and rng.random() < self.mosaic:
-                partners = [self.load_resized(int(j))[:3] for j in rng.integers(0, len(self), size=3)]
-            image, boxes, labels = self.augmentation(image, boxes, labels, partners)
-            pad = (0, 0)
+                indices += [int(j) for j in rng.integers(0, len(self), size=3)]
+            plan = self.augmentation.plan([self.resized_shape(j) for j in indices])
+            images = [
+                self.load_image(j) if shown else None for j, shown in zip(indices, plan.visible, strict=True)
+            ]
+            boxes, labels, ratios = zip(*(self.load_targets(j) for j in indices), strict=True)
+            image, boxes, labels = self.augmentation.apply(plan, images, list(boxes), list(labels))
+            ratio, pad = ratios[0], (0, 0)
         return {
             "image": _to_chw_tensor(image),
             "boxes": torch.from_numpy(boxes),
             "labels": torch.from_numpy(labels),
             "image_id": int(self.index.image_ids[i]),
             "orig_size": tuple(int(v) for v in self.index.sizes[i]),
-            "scale": ratio,
+            "ratio": ratio,
             "pad": pad,
         }
 
@@ -136,7 +181,7 @@ class ImageFolderDataset(Dataset):
             "labels": torch.zeros((0,), dtype=torch.int64),
             "image_id": self.image_ids[i],
             "orig_size": orig_size,
-            "scale": ratio,
+            "ratio": ratio,
             "pad": pad,
             "path": str(self.paths[i]),
         }
@@ -167,7 +212,7 @@ def collate_detection(samples: list[dict]) -> dict:
     """Stack samples into the batch of the shared contract.
 
     ``images`` (B, 3, S, S) uint8; ``batch_idx`` (M,) int64, ``cls`` (M,) int64, ``bboxes`` (M, 4) float32
-    xyxy input pixels; ``image_ids`` (B,) int64; ``orig_sizes`` (B, 2) int64 (h, w); ``scales`` (B,) float32;
+    xyxy input pixels; ``image_ids`` (B,) int64; ``orig_sizes`` (B, 2) int64 (h, w); ``ratios`` (B,) float32;
     ``pads`` (B, 2) float32 (x, y); plus ``paths`` (list of str) for prediction samples.
     """
     counts = [len(s["labels"]) for s in samples]
@@ -180,7 +225,7 @@ def collate_detection(samples: list[dict]) -> dict:
         "bboxes": torch.cat([s["boxes"] for s in samples]).float().reshape(-1, 4),
         "image_ids": torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),
         "orig_sizes": torch.tensor([s["orig_size"] for s in samples], dtype=torch.int64),
-        "scales": torch.tensor([s["scale"] for s in samples], dtype=torch.float32),
+        "ratios": torch.tensor([s["ratio"] for s in samples], dtype=torch.float32),
         "pads": torch.tensor([s["pad"] for s in samples], dtype=torch.float32),
     }
     if "path" in samples[0]:

@@ -1,4 +1,4 @@
-"""The reference training recipe (albumentations 2.0.8 and the transforms of ``yolo_augment``).
+"""The reference training recipe, run by the numpy/OpenCV functions of ``yolo_augment`` on pixel boxes.
 
 Training runs it on images already resized to long side S by ``sta_lightning.geometry``, which also holds the
 letterbox of evaluation and prediction; its functions are re-exported here for existing imports.
@@ -6,11 +6,26 @@ letterbox of evaluation and prediction; its functions are re-exported here for e
 
 from __future__ import annotations
 
-import albumentations as A
+import random
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
-from sta_lightning.data.yolo_augment import HSVGain, YOLOAffine, YOLOMosaic
+from sta_lightning.data.config import AugmentConfig
+from sta_lightning.data.yolo_augment import (
+    HSVGain,
+    Rect,
+    affine_boxes,
+    affine_matrix,
+    affine_window,
+    mosaic_cell,
+    mosaic_center,
+    overlaps,
+    paste,
+    place_boxes,
+    warp,
+)
 from sta_lightning.geometry import (  # noqa: F401 (re-exported)
     PAD_VALUE,
     boxes_to_original,
@@ -20,56 +35,123 @@ from sta_lightning.geometry import (  # noqa: F401 (re-exported)
 )
 
 
-class TrainAugmentation:
-    """The reference training recipe on images already resized to long side S (albumentations 2.0.8).
+@dataclass(frozen=True)
+class SamplePlan:
+    """The random draws of one training sample, made before any image is read.
 
-    Order, as in the reference: a 4-image mosaic on a 2S x 2S canvas (``YOLOMosaic``; the three extra
-    images come from the dataset) or, without mosaic, a centred pad to S x S; then a random affine into the
-    S x S output (``YOLOAffine``: scale factor U[1 - scale, 1 + scale], translation +-translate of S,
-    rotation +-degrees; boxes under 2 px a side, beyond aspect ratio 100 or under 10 % of their scaled area
-    are dropped); HSV gains (``HSVGain``: hue, saturation and value factors U[1 - g, 1 + g]); horizontal flip
-    with probability fliplr. Boxes are pascal_voc (xyxy pixels).
+    ``shapes``: (h, w) of its images (one, or four for a mosaic); ``canvas_hw``: the affine's input, (2S, 2S)
+    with mosaic, else (S, S) (the image padded, centred); ``cells``: per image, (x1, y1, x2, y2) on that
+    input and of the image part that fills it (``mosaic_cell``); ``matrix``: (3, 3) float64 input -> output
+    pixels, ``gain`` its scale factor; ``window``: the part of the input the output reads; ``visible``: per
+    image, whether any of it lies in the window (an image that does not is never read: its boxes would all be
+    dropped); ``hsv``: ``HSVGain`` parameters; ``flip``: horizontal flip.
     """
 
-    def __init__(
-        self,
-        image_size: int,
-        degrees: float = 0.0,
-        translate: float = 0.1,
-        scale: float = 0.5,
-        hsv_h: float = 0.015,
-        hsv_s: float = 0.7,
-        hsv_v: float = 0.4,
-        fliplr: float = 0.5,
-    ) -> None:
-        size = image_size
-        affine_colour_flip = [
-            YOLOAffine(size, degrees=degrees, translate=translate, scale=scale, fill=PAD_VALUE),
-            HSVGain(hue=hsv_h, saturation=hsv_s, value=hsv_v),
-            A.HorizontalFlip(p=fliplr),
-        ]
-        pad = A.PadIfNeeded(size, size, position="center", border_mode=cv2.BORDER_CONSTANT, fill=PAD_VALUE)
-        mosaic = YOLOMosaic(size, fill=PAD_VALUE)
-        self.with_mosaic = A.Compose([mosaic, *affine_colour_flip], bbox_params=self._bbox_params())
-        self.without_mosaic = A.Compose([pad, *affine_colour_flip], bbox_params=self._bbox_params())
+    shapes: tuple[tuple[int, int], ...]
+    canvas_hw: tuple[int, int]
+    cells: tuple[tuple[Rect, Rect], ...]
+    matrix: np.ndarray
+    gain: float
+    window: Rect
+    visible: tuple[bool, ...]
+    hsv: dict
+    flip: bool
 
-    @staticmethod
-    def _bbox_params() -> A.BboxParams:
-        return A.BboxParams(
-            format="pascal_voc",
-            label_fields=["labels"],
-            # YOLOAffine drops boxes by the reference's rule; the library's filters stay off.
-            min_width=0.0,
-            min_height=0.0,
-            min_visibility=0.0,
-            clip=True,
-            filter_invalid_bboxes=True,
-        )
+
+class TrainAugmentation:
+    """The reference training recipe on images already resized to long side S.
+
+    Order, as in the reference: a 4-image mosaic on a 2S x 2S canvas (the three extra images come from the
+    dataset) or, without mosaic, a centred pad to S x S; then a random affine into the S x S output (scale
+    factor U[1 - scale, 1 + scale], translation +-translate of S, rotation +-degrees; boxes under 2 px a side,
+    beyond aspect ratio 100 or under 10 % of their scaled area are dropped); HSV gains (``HSVGain``: hue,
+    saturation and value factors U[1 - g, 1 + g]); horizontal flip with probability fliplr. Boxes are xyxy
+    pixels.
+
+    A sample is planned first (``plan``: every random draw, from the stream that ``reseed`` starts) and then
+    rendered (``apply``): only the part of the mosaic canvas that the affine reads is built. Not thread-safe:
+    one instance per process (each DataLoader worker has its copy).
+    """
+
+    def __init__(self, image_size: int, augment: AugmentConfig = AugmentConfig()) -> None:
+        self.size = image_size
+        self.augment = augment
+        self.hsv = HSVGain(hue=augment.hsv_h, saturation=augment.hsv_s, value=augment.hsv_v)
+        self._random = random.Random(0)
 
     def reseed(self, seed: int) -> None:
-        """Seed both pipelines (the training dataset does so for every sample, see ``sample_seed``)."""
-        self.with_mosaic.set_random_seed(seed)
-        self.without_mosaic.set_random_seed(seed)
+        """Start the random stream of the next samples (the training dataset does so for every sample)."""
+        self._random.seed(seed)
+
+    def plan(self, shapes: list[tuple[int, int]]) -> SamplePlan:
+        """Draw one sample's augmentation for its images' (h, w) (long side S): one image, or four for a
+        mosaic (the sample's own first). Draws, in order: mosaic centre, affine, HSV gains, flip."""
+        rng, size, augment = self._random, self.size, self.augment
+        shapes = tuple((int(h), int(w)) for h, w in shapes)
+        if len(shapes) == 4:
+            center = mosaic_center(rng, size)
+            canvas_hw = (2 * size, 2 * size)
+            cells = tuple(mosaic_cell(corner, center, hw, 2 * size) for corner, hw in enumerate(shapes))
+        else:
+            ((h, w),) = shapes
+            x, y = (size - w) // 2, (size - h) // 2
+            canvas_hw = (size, size)
+            cells = (((x, y, x + w, y + h), (0, 0, w, h)),)
+        matrix, gain = affine_matrix(rng, canvas_hw, size, augment.degrees, augment.translate, augment.scale)
+        window = affine_window(matrix, size, canvas_hw)
+        self.hsv.set_random_seed(rng.getrandbits(32))
+        return SamplePlan(
+            shapes=shapes,
+            canvas_hw=canvas_hw,
+            cells=cells,
+            matrix=matrix,
+            gain=gain,
+            window=window,
+            visible=tuple(overlaps(dst, window) for dst, _ in cells),
+            hsv=self.hsv.get_params(),
+            flip=rng.random() < augment.fliplr,
+        )
+
+    def apply(
+        self,
+        plan: SamplePlan,
+        images: list[np.ndarray | None],
+        boxes: list[np.ndarray],
+        labels: list[np.ndarray],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Render a planned sample: per image of the plan, (h, w, 3) uint8 RGB (None where not visible),
+        (n, 4) xyxy px boxes and (n,) labels -> (S, S, 3) uint8, (m, 4) float32 boxes, (m,) int64 labels."""
+        for image, hw, visible in zip(images, plan.shapes, plan.visible, strict=True):
+            if visible and (image is None or image.shape[:2] != hw):
+                raise ValueError(
+                    f"the plan needs an image of (h, w) = {hw}, got {getattr(image, 'shape', None)}"
+                )
+        x1, y1, x2, y2 = plan.window
+        # New memory per sample, not a buffer kept for reuse: freeing blocks of up to 2S x 2S x 3 bytes raises
+        # glibc's mmap threshold, so that the sample's other image buffers are recycled instead of being
+        # mapped and page-faulted anew (measured on coco128 at 640 px: 1.9x cached samples/s, 1.2x uncached).
+        window = np.empty((y2 - y1, x2 - x1, 3), np.uint8)
+        paste(plan.window, list(plan.cells), images, PAD_VALUE, window)
+        image = warp(window, plan.matrix, self.size, PAD_VALUE, origin=(x1, y1))
+        rows = [
+            (*place_boxes(b, hw, cell, plan.canvas_hw), np.asarray(lb))
+            for b, lb, hw, cell, visible in zip(
+                boxes, labels, plan.shapes, plan.cells, plan.visible, strict=True
+            )
+            if visible
+        ]
+        on_canvas = np.concatenate([b[keep] for b, keep, _ in rows] or [np.zeros((0, 4))])
+        on_canvas_labels = np.concatenate([lb[keep] for _, keep, lb in rows] or [np.zeros(0, np.int64)])
+        out_boxes, keep = affine_boxes(on_canvas, plan.matrix, plan.gain, self.size)
+        out_labels = on_canvas_labels[keep]
+        image = self.hsv.apply(image, **plan.hsv)
+        if plan.flip:
+            image = cv2.flip(image, 1)
+            out_boxes = np.stack(
+                [self.size - out_boxes[:, 2], out_boxes[:, 1], self.size - out_boxes[:, 0], out_boxes[:, 3]],
+                1,
+            )
+        return image, out_boxes.astype(np.float32), out_labels.astype(np.int64)
 
     def __call__(
         self,
@@ -82,14 +164,6 @@ class TrainAugmentation:
 
         With ``mosaic_items`` (three (image, boxes, labels) triples) the mosaic is built, otherwise it is not.
         """
-        inputs = {"image": image, "bboxes": boxes, "labels": labels}
-        if mosaic_items is not None:
-            inputs["mosaic_metadata"] = [
-                {"image": im, "bboxes": bx, "labels": lb} for im, bx, lb in mosaic_items
-            ]
-            out = self.with_mosaic(**inputs)
-        else:
-            out = self.without_mosaic(**inputs)
-        out_boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
-        out_labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
-        return out["image"], out_boxes, out_labels
+        items = [(image, boxes, labels), *(mosaic_items or [])]
+        plan = self.plan([im.shape[:2] for im, _, _ in items])
+        return self.apply(plan, *(list(part) for part in zip(*items, strict=True)))

@@ -1,25 +1,31 @@
-"""The reference YOLOv8 training augmentations as albumentations 2.0.8 transforms of our own.
+"""The reference YOLOv8 training augmentations: numpy/OpenCV functions on pixel boxes (``TrainAugmentation``
+runs them) and the same as albumentations 2.0.8 transforms of our own.
 
 The library's ``A.Mosaic``, ``A.Affine`` and ``A.ColorJitter`` differ in effect from the reference recipe
 (images centred in their mosaic cells with grey gaps, grey borders where the reference shows more mosaic,
-a hue shift instead of a hue gain), so these three reproduce what the reference does:
+a hue shift instead of a hue gain), so these reproduce what the reference does:
 
-- ``YOLOMosaic``: four images on a 2S x 2S grey canvas, each against a random centre (cx, cy) drawn from
-  U[S/2, 3S/2]: the first image ends at the centre (top left), the others extend from it to the top right,
-  bottom left and bottom right; the canvas edges crop what sticks out.
-- ``YOLOAffine``: rotation and scale about the input's centre, then a translation that puts that centre at
-  U[0.5 - t, 0.5 + t] x S of an S x S output. On a 2S mosaic canvas a zoomed-out output shows more of the
-  canvas, not grey. Boxes keep the reference's candidates: both sides > 2 px, aspect ratio < 100 and more
-  than 10 % of the box's area (times scale^2) left after clipping.
+- mosaic (``mosaic_center``, ``mosaic_cell``, ``place_boxes``; ``YOLOMosaic``): four images on a 2S x 2S grey
+  canvas, each against a random centre (cx, cy) drawn from U[S/2, 3S/2]: the first image ends at the centre
+  (top left), the others extend from it to the top right, bottom left and bottom right; the canvas edges crop
+  what sticks out.
+- affine (``affine_matrix``, ``warp``, ``affine_boxes``; ``YOLOAffine``): rotation and scale about the input's
+  centre, then a translation that puts that centre at U[0.5 - t, 0.5 + t] x S of an S x S output. On a 2S
+  mosaic canvas a zoomed-out output shows more of the canvas, not grey. Boxes keep the reference's
+  candidates: both sides > 2 px, aspect ratio < 100 and more than 10 % of the box's area (times scale^2)
+  left after clipping.
 - ``HSVGain``: hue, saturation and value multiplied by gains drawn from U[1 - g, 1 + g] (OpenCV HSV, hue in
   0..179, wrapping), through lookup tables.
 
-Inside an ``A.Compose`` boxes are the library's normalised xyxy rows with extra label columns; the
-transforms change only the first four columns and drop rows.
+In the functions boxes are (n, 4) float64 xyxy pixels. Inside an ``A.Compose`` they are the library's
+normalised xyxy rows with extra label columns; the transforms change only the first four columns and drop
+rows.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from typing import Any
 
 import cv2
@@ -34,12 +40,22 @@ MAX_ASPECT_RATIO = 100.0
 MIN_AREA_FRACTION = 0.1
 """A box keeps more than this fraction of its area (scaled by the affine) after clipping, or is dropped."""
 
+Rect = tuple[int, int, int, int]
+"""(x1, y1, x2, y2) in pixels, x2 and y2 exclusive."""
+
 
 def _shape(height: int, width: int) -> dict[str, int]:
     return {"height": height, "width": width}
 
 
-def mosaic_cell(corner: int, center: tuple[int, int], image_hw: tuple[int, int], canvas: int) -> tuple:
+def mosaic_center(rng: random.Random, size: int) -> tuple[int, int]:
+    """The mosaic's random centre (cx, cy) on the 2S canvas: U[S/2, 3S/2] each, truncated to pixels."""
+    return int(rng.uniform(size / 2, 3 * size / 2)), int(rng.uniform(size / 2, 3 * size / 2))
+
+
+def mosaic_cell(
+    corner: int, center: tuple[int, int], image_hw: tuple[int, int], canvas: int
+) -> tuple[Rect, Rect]:
     """Where image ``corner`` (0 top left, 1 top right, 2 bottom left, 3 bottom right) goes on the canvas.
 
     Returns ((x1, y1, x2, y2) on the canvas, (x1, y1, x2, y2) of the part of the image that fills it), in
@@ -60,6 +76,116 @@ def mosaic_cell(corner: int, center: tuple[int, int], image_hw: tuple[int, int],
         dst = (cx, cy, min(cx + w, canvas), min(cy + h, canvas))
         src = (0, 0, dst[2] - dst[0], dst[3] - dst[1])
     return dst, src
+
+
+def place_boxes(
+    boxes: np.ndarray, image_hw: tuple[int, int], cell: tuple[Rect, Rect], canvas_hw: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 4) xyxy pixel boxes of an (h, w) image -> (n, 4) float64 boxes on the (H, W) canvas where
+    ``cell`` (``mosaic_cell``) puts the image, clipped to the image and to the canvas, and (n,) bool: the
+    ones with something left."""
+    (h, w), (ch, cw) = image_hw, canvas_hw
+    (x1, y1, _, _), (u1, v1, _, _) = cell
+    placed = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).clip(0, (w, h, w, h))
+    placed = (placed + (x1 - u1, y1 - v1, x1 - u1, y1 - v1)).clip(0, (cw, ch, cw, ch))
+    return placed, (placed[:, 2] > placed[:, 0]) & (placed[:, 3] > placed[:, 1])
+
+
+def paste(
+    window: Rect, cells: list[tuple[Rect, Rect]], images: list[np.ndarray | None], fill: int, out: np.ndarray
+) -> np.ndarray:
+    """The ``window`` of a canvas filled with ``fill`` on which each image is pasted where its cell puts it:
+    ``out`` (the window's (h, w, 3) uint8) written and returned. Images that miss the window may be None."""
+    wx1, wy1, wx2, wy2 = window
+    out.fill(fill)
+    for ((x1, y1, x2, y2), (u1, v1, _, _)), image in zip(cells, images, strict=True):
+        ix1, iy1, ix2, iy2 = max(x1, wx1), max(y1, wy1), min(x2, wx2), min(y2, wy2)
+        if ix1 < ix2 and iy1 < iy2:
+            out[iy1 - wy1 : iy2 - wy1, ix1 - wx1 : ix2 - wx1] = image[
+                v1 + iy1 - y1 : v1 + iy2 - y1, u1 + ix1 - x1 : u1 + ix2 - x1
+            ]
+    return out
+
+
+def overlaps(a: Rect, b: Rect) -> bool:
+    """Whether two rectangles share any pixel."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def affine_matrix(
+    rng: random.Random, input_hw: tuple[int, int], size: int, degrees: float, translate: float, scale: float
+) -> tuple[np.ndarray, float]:
+    """The random affine from an (H, W) input to the (S, S) output: (3, 3) float64 on pixel coordinates, and
+    its scale factor. Draws, in this order: angle, scale factor, x and y translation."""
+    height, width = input_hw
+    angle = rng.uniform(-degrees, degrees)
+    gain = rng.uniform(1 - scale, 1 + scale)
+    center = np.array([[1, 0, -width / 2], [0, 1, -height / 2], [0, 0, 1]], dtype=np.float64)
+    rotate = np.eye(3)
+    rotate[:2] = cv2.getRotationMatrix2D(angle=angle, center=(0, 0), scale=gain)
+    shift = np.eye(3)
+    shift[0, 2] = rng.uniform(0.5 - translate, 0.5 + translate) * size
+    shift[1, 2] = rng.uniform(0.5 - translate, 0.5 + translate) * size
+    return shift @ rotate @ center, gain
+
+
+def affine_window(matrix: np.ndarray, size: int, input_hw: tuple[int, int]) -> Rect:
+    """The part of an (H, W) input that bilinear sampling of the (S, S) output under ``matrix`` reads, with
+    a pixel to spare on each side, clipped to the input (one pixel at least)."""
+    height, width = input_hw
+    corners = np.array([[0, 0, 1], [size - 1, 0, 1], [0, size - 1, 1], [size - 1, size - 1, 1]], np.float64)
+    mapped = corners @ cv2.invertAffineTransform(matrix[:2]).T
+    x1, y1 = (
+        min(max(math.floor(v) - 1, 0), limit - 1)
+        for v, limit in zip(mapped.min(0), (width, height), strict=True)
+    )
+    x2, y2 = (min(math.floor(v) + 3, limit) for v, limit in zip(mapped.max(0), (width, height), strict=True))
+    return x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)
+
+
+def warp(
+    image: np.ndarray, matrix: np.ndarray, size: int, fill: int, origin: tuple[int, int] = (0, 0)
+) -> np.ndarray:
+    """(S, S, C) output of ``matrix`` (3, 3) on an input of which ``image`` is the part from ``origin`` (x, y)
+    on: bilinear, ``fill`` outside the input."""
+    affine = matrix[:2].copy()
+    affine[:, 2] += affine[:, :2] @ np.asarray(origin, dtype=np.float64)
+    return cv2.warpAffine(
+        image,
+        affine,
+        dsize=(size, size),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=(fill,) * 3,
+    )
+
+
+def affine_boxes(
+    boxes: np.ndarray, matrix: np.ndarray, gain: float, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 4) xyxy pixel boxes of the input -> (m, 4) float64 boxes in the (S, S) output (the mapped corners'
+    enclosing box, clipped) and (n,) bool: the m kept by ``box_candidates``."""
+    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    corners = np.stack(
+        [np.stack([x, y, np.ones_like(x)], 1) for x, y in ((x1, y1), (x2, y1), (x1, y2), (x2, y2))]
+    )
+    mapped = corners @ matrix[:2].T  # (4, n, 2)
+    new = np.concatenate([mapped.min(0), mapped.max(0)], axis=1).clip(0, size)
+    keep = box_candidates(boxes, new, gain)
+    return new[keep], keep
+
+
+def box_candidates(before: np.ndarray, after: np.ndarray, gain: float) -> np.ndarray:
+    """(n, 4) xyxy boxes before and after an affine of scale ``gain`` -> (n,) bool: the ones to keep."""
+    w0, h0 = (before[:, 2] - before[:, 0]) * gain, (before[:, 3] - before[:, 1]) * gain
+    w1, h1 = after[:, 2] - after[:, 0], after[:, 3] - after[:, 1]
+    aspect = np.maximum(w1 / (h1 + 1e-16), h1 / (w1 + 1e-16))
+    return (
+        (w1 > MIN_BOX_SIDE)
+        & (h1 > MIN_BOX_SIDE)
+        & (w1 * h1 / (w0 * h0 + 1e-16) > MIN_AREA_FRACTION)
+        & (aspect < MAX_ASPECT_RATIO)
+    )
 
 
 class YOLOMosaic(DualTransform):
@@ -90,37 +216,31 @@ class YOLOMosaic(DualTransform):
             raise ValueError(f"YOLOMosaic needs 3 other images in '{self.metadata_key}', got {len(others)}")
         if "bboxes" in data:
             others = preprocess_selected_mosaic_items(others, self.get_processor("bboxes"), None)
-        s = self.size
-        center = (
-            int(self.py_random.uniform(s / 2, 3 * s / 2)),
-            int(self.py_random.uniform(s / 2, 3 * s / 2)),
-        )
+        center = mosaic_center(self.py_random, self.size)
         items = [{"image": data["image"], "bboxes": data.get("bboxes")}, *others]
         cells = [
-            (item, *mosaic_cell(corner, center, item["image"].shape[:2], 2 * s))
+            (item, mosaic_cell(corner, center, item["image"].shape[:2], 2 * self.size))
             for corner, item in enumerate(items)
         ]
         return {"cells": cells}
 
     def apply(self, img: np.ndarray, cells: list, **params: Any) -> np.ndarray:
-        canvas = np.full((2 * self.size, 2 * self.size, *img.shape[2:]), self.fill, dtype=img.dtype)
-        for item, (x1, y1, x2, y2), (u1, v1, u2, v2) in cells:
-            canvas[y1:y2, x1:x2] = item["image"][v1:v2, u1:u2]
-        return canvas
+        canvas = np.empty((2 * self.size, 2 * self.size, *img.shape[2:]), dtype=img.dtype)
+        window = (0, 0, 2 * self.size, 2 * self.size)
+        images = [item["image"] for item, _ in cells]
+        return paste(window, [cell for _, cell in cells], images, self.fill, canvas)
 
     def apply_to_bboxes(self, bboxes: np.ndarray, cells: list, **params: Any) -> np.ndarray:
-        canvas = 2 * self.size
+        canvas = (2 * self.size, 2 * self.size)
         placed = []
-        for item, (x1, y1, _, _), (u1, v1, _, _) in cells:
+        for item, cell in cells:
             rows = item["bboxes"]
             if rows is None or len(rows) == 0:
                 continue
-            h, w = item["image"].shape[:2]
-            pixels = denormalize_bboxes(np.asarray(rows, dtype=np.float64), _shape(h, w))
-            pixels[:, :4] += np.array([x1 - u1, y1 - v1] * 2, dtype=np.float64)
-            pixels[:, :4] = pixels[:, :4].clip(0, canvas)
-            keep = (pixels[:, 2] > pixels[:, 0]) & (pixels[:, 3] > pixels[:, 1])
-            placed.append(normalize_bboxes(pixels[keep], _shape(canvas, canvas)))
+            image_hw = item["image"].shape[:2]
+            pixels = denormalize_bboxes(np.asarray(rows, dtype=np.float64), _shape(*image_hw))
+            pixels[:, :4], keep = place_boxes(pixels[:, :4], image_hw, cell, canvas)
+            placed.append(normalize_bboxes(pixels[keep], _shape(*canvas)))
         if not placed:
             return np.zeros((0, bboxes.shape[1]), dtype=bboxes.dtype)
         return np.concatenate(placed).astype(bboxes.dtype)
@@ -152,27 +272,14 @@ class YOLOAffine(DualTransform):
         self.fill = fill
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-        height, width = params["shape"][:2]
-        rng = self.py_random
-        angle = rng.uniform(-self.degrees, self.degrees)
-        gain = rng.uniform(1 - self.scale, 1 + self.scale)
-        center = np.array([[1, 0, -width / 2], [0, 1, -height / 2], [0, 0, 1]], dtype=np.float64)
-        rotate = np.eye(3)
-        rotate[:2] = cv2.getRotationMatrix2D(angle=angle, center=(0, 0), scale=gain)
-        shift = np.eye(3)
-        shift[0, 2] = rng.uniform(0.5 - self.translate, 0.5 + self.translate) * self.size
-        shift[1, 2] = rng.uniform(0.5 - self.translate, 0.5 + self.translate) * self.size
-        return {"matrix": shift @ rotate @ center, "gain": gain, "input_hw": (height, width)}
+        input_hw = params["shape"][:2]
+        matrix, gain = affine_matrix(
+            self.py_random, input_hw, self.size, self.degrees, self.translate, self.scale
+        )
+        return {"matrix": matrix, "gain": gain, "input_hw": input_hw}
 
     def apply(self, img: np.ndarray, matrix: np.ndarray, **params: Any) -> np.ndarray:
-        return cv2.warpAffine(
-            img,
-            matrix[:2],
-            dsize=(self.size, self.size),
-            flags=cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=(self.fill,) * 3,
-        )
+        return warp(img, matrix, self.size, self.fill)
 
     def apply_to_bboxes(
         self, bboxes: np.ndarray, matrix: np.ndarray, gain: float, input_hw: tuple[int, int], **params: Any
@@ -180,29 +287,10 @@ class YOLOAffine(DualTransform):
         if len(bboxes) == 0:
             return bboxes
         rows = denormalize_bboxes(np.asarray(bboxes, dtype=np.float64), _shape(*input_hw))
-        x1, y1, x2, y2 = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
-        corners = np.stack(
-            [np.stack([x, y, np.ones_like(x)], 1) for x, y in ((x1, y1), (x2, y1), (x1, y2), (x2, y2))]
-        )
-        mapped = corners @ matrix[:2].T  # (4, n, 2)
-        new = np.concatenate([mapped.min(0), mapped.max(0)], axis=1).clip(0, self.size)
-        keep = box_candidates(rows[:, :4], new, gain)
+        new, keep = affine_boxes(rows[:, :4], matrix, gain, self.size)
         out = rows[keep].copy()
-        out[:, :4] = new[keep]
+        out[:, :4] = new
         return normalize_bboxes(out, _shape(self.size, self.size)).astype(bboxes.dtype)
-
-
-def box_candidates(before: np.ndarray, after: np.ndarray, gain: float) -> np.ndarray:
-    """(n, 4) xyxy boxes before and after an affine of scale ``gain`` -> (n,) bool: the ones to keep."""
-    w0, h0 = (before[:, 2] - before[:, 0]) * gain, (before[:, 3] - before[:, 1]) * gain
-    w1, h1 = after[:, 2] - after[:, 0], after[:, 3] - after[:, 1]
-    aspect = np.maximum(w1 / (h1 + 1e-16), h1 / (w1 + 1e-16))
-    return (
-        (w1 > MIN_BOX_SIDE)
-        & (h1 > MIN_BOX_SIDE)
-        & (w1 * h1 / (w0 * h0 + 1e-16) > MIN_AREA_FRACTION)
-        & (aspect < MAX_ASPECT_RATIO)
-    )
 
 
 class HSVGain(ImageOnlyTransform):

@@ -13,11 +13,20 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sta_lightning.models.postprocess import PREDICT_NMS
+
+__all__ = [
+    "DECODED_OUTPUT",
+    "DETECTIONS_OUTPUT",
+    "INPUT_NAME",
+    "PREDICT_NMS",
+    "metadata_path",
+    "read_metadata",
+]
+
 INPUT_NAME = "images"
 DECODED_OUTPUT = "decoded"
 DETECTIONS_OUTPUT = "detections"
-PREDICT_NMS = {"conf_threshold": 0.25, "iou_threshold": 0.7, "max_det": 300, "multi_label": False}
-"""NMS of prediction (as ``DetectionModule``'s predict defaults): single label, scores above 0.25."""
 
 
 def metadata_path(model_path: str | Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ class OnnxDetector:
                 f"{path} has NMS built in with {self.metadata['nms']}; {sorted(given)} cannot change it "
                 "(export without --nms to choose thresholds at run time)"
             )
-        self.nms: dict[str, Any] | None = None if self.metadata["nms"] else {**PREDICT_NMS, **given}
+        self.nms: dict[str, Any] | None = None if self.metadata["nms"] else {**asdict(PREDICT_NMS), **given}
 
     def __call__(self, image: Image) -> np.ndarray:
         """Detections of one image, as ``predict`` gives them."""

@@ -1,7 +1,6 @@
 """sta_lightning.export: checkpoints to ONNX, TorchScript and torch.export files (no Lightning needed)."""
 
-from sta_lightning.export.checkpoint import detector_from_checkpoint
 from sta_lightning.export.exporter import FORMATS, DeployModel, export_detector
 from sta_lightning.export.nms import PaddedNMS
 
-__all__ = ["FORMATS", "DeployModel", "PaddedNMS", "detector_from_checkpoint", "export_detector"]
+__all__ = ["FORMATS", "DeployModel", "PaddedNMS", "export_detector"]

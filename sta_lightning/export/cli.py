@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sta_lightning.deploy.contract import PREDICT_NMS, metadata_path
-from sta_lightning.export.checkpoint import detector_from_checkpoint
+from sta_lightning.deploy.contract import metadata_path
 from sta_lightning.export.exporter import FORMATS, export_detector
 from sta_lightning.export.nms import MAX_CANDIDATES, PaddedNMS
+from sta_lightning.models.checkpoint import detector_from_checkpoint
+from sta_lightning.models.postprocess import PREDICT_NMS
 
 NMS_OPTIONS = ("conf_threshold", "iou_threshold", "max_det", "multi_label", "max_candidates")
 
@@ -25,7 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--ckpt_path", required=True, help="checkpoint written by python -m sta_lightning fit"
     )
     parser.add_argument("--format", choices=tuple(FORMATS), default="onnx", help="default: onnx")
-    parser.add_argument("--image_size", type=int, default=640, help="input size S, a multiple of 32")
+    parser.add_argument(
+        "--image_size",
+        type=int,
+        help="input size S, a multiple of 32 (default: the checkpoint's training size)",
+    )
     parser.add_argument(
         "--output", help="model file (default: the checkpoint's name with the format's suffix)"
     )
@@ -35,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--half", action="store_true", help="float16 weights and input")
     parser.add_argument("--nms", action="store_true", help="NMS in the graph: output (B, max_det, 6)")
     nms = parser.add_argument_group("NMS stored in the model (with --nms)")
-    nms.add_argument("--conf_threshold", type=float, help=f"default {PREDICT_NMS['conf_threshold']}")
-    nms.add_argument("--iou_threshold", type=float, help=f"default {PREDICT_NMS['iou_threshold']}")
-    nms.add_argument("--max_det", type=int, help=f"detections per image, default {PREDICT_NMS['max_det']}")
+    nms.add_argument("--conf_threshold", type=float, help=f"default {PREDICT_NMS.conf_threshold}")
+    nms.add_argument("--iou_threshold", type=float, help=f"default {PREDICT_NMS.iou_threshold}")
+    nms.add_argument("--max_det", type=int, help=f"detections per image, default {PREDICT_NMS.max_det}")
     nms.add_argument("--multi_label", action="store_true", default=None, help="every class above threshold")
     nms.add_argument(
         "--max_candidates", type=int, help=f"candidates per image entering NMS, default {MAX_CANDIDATES}"
@@ -57,19 +62,21 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"{', '.join('--' + name for name in nms_settings)} only apply with --nms")
     output = Path(args.output or Path(args.ckpt_path).with_suffix(FORMATS[args.format]))
     try:
-        detector, hyper_parameters = detector_from_checkpoint(args.ckpt_path)
+        detector, trained = detector_from_checkpoint(args.ckpt_path)
+        image_size = args.image_size or trained.image_size
+        if image_size is None:
+            raise ValueError(f"{args.ckpt_path} does not record its training size: give --image_size")
         metadata = export_detector(
             detector,
             output,
             format=args.format,
-            image_size=args.image_size,
+            image_size=image_size,
             batch=args.batch,
             dynamic_batch=args.dynamic_batch,
             half=args.half,
             nms=PaddedNMS(**nms_settings) if args.nms else None,
             device=args.device,
-            class_names=hyper_parameters.get("class_names"),
-            category_ids=hyper_parameters.get("category_ids"),
+            classes=trained.classes,
             checkpoint=args.ckpt_path,
         )
     except (FileNotFoundError, ValueError) as error:

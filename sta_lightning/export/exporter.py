@@ -12,18 +12,19 @@ import copy
 import json
 import warnings
 from dataclasses import asdict
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from sta_lightning.classes import Classes
 from sta_lightning.deploy.contract import DECODED_OUTPUT, DETECTIONS_OUTPUT, INPUT_NAME, metadata_path
 from sta_lightning.export.nms import PaddedNMS
 from sta_lightning.geometry import PAD_VALUE
 from sta_lightning.models import YOLOv8
-from sta_lightning.models.yolo import MAX_STRIDE
+from sta_lightning.models.yolo import check_image_size
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript", "exported_program": ".pt2"}
 """Export format -> the usual file suffix."""
@@ -44,6 +45,14 @@ class DeployModel(nn.Module):
         return decoded if self.nms is None else self.nms(decoded)
 
 
+def installed_version(package: str) -> str:
+    """The installed version of ``package``, or "not installed" (a checkout run from its folder)."""
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def export_detector(
     detector: YOLOv8,
     output: str | Path,
@@ -54,8 +63,7 @@ def export_detector(
     half: bool = False,
     nms: PaddedNMS | None = None,
     device: str = "cpu",
-    class_names: list[str] | None = None,
-    category_ids: list[int] | None = None,
+    classes: Classes | None = None,
     checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write ``detector`` (a copy: the argument is left as it is) to ``output`` and its sidecar beside it.
@@ -66,8 +74,7 @@ def export_detector(
     """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}, expected one of {', '.join(FORMATS)}")
-    if image_size < MAX_STRIDE or image_size % MAX_STRIDE:
-        raise ValueError(f"image_size must be a positive multiple of {MAX_STRIDE}, got {image_size}")
+    check_image_size(image_size)
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     output = Path(output)
@@ -81,7 +88,7 @@ def export_detector(
     versions = {
         "torch": torch.__version__,
         "torchvision": version("torchvision"),
-        "sta_lightning": version("sta_lightning"),
+        "sta_lightning": installed_version("sta_lightning"),
     }
     with torch.no_grad(), warnings.catch_warnings():
         # torchvision's NMS shape function calls an API that torch deprecates: nothing to act on here.
@@ -95,12 +102,14 @@ def export_detector(
                 versions.update(_save_onnx(program, example, output, dynamic_batch, nms is not None))
             else:
                 torch.export.save(program, output)
-    classes = {
-        "class_names": class_names or [str(i) for i in range(detector.num_classes)],
-        "category_ids": category_ids or list(range(detector.num_classes)),
-    }
+    classes = classes or Classes.anonymous(detector.num_classes)
     metadata = _sidecar(model, output, format, image_size, BATCH_DIM if dynamic_batch else batch, dtype)
-    metadata.update(classes, checkpoint=None if checkpoint is None else str(checkpoint), versions=versions)
+    metadata.update(
+        class_names=classes.names,
+        category_ids=classes.category_ids,
+        checkpoint=None if checkpoint is None else str(checkpoint),
+        versions=versions,
+    )
     metadata_path(output).write_text(json.dumps(metadata, indent=2) + "\n")
     return metadata
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert, nms
 
-from sta_lightning.deploy.contract import PREDICT_NMS
+from sta_lightning.models.postprocess import PREDICT_NMS
 
 MAX_CANDIDATES = 1000
 """Default number of best candidates per image that enter NMS."""
@@ -28,10 +28,10 @@ class PaddedNMS(nn.Module):
 
     def __init__(
         self,
-        conf_threshold: float = PREDICT_NMS["conf_threshold"],
-        iou_threshold: float = PREDICT_NMS["iou_threshold"],
-        max_det: int = PREDICT_NMS["max_det"],
-        multi_label: bool = PREDICT_NMS["multi_label"],
+        conf_threshold: float = PREDICT_NMS.conf_threshold,
+        iou_threshold: float = PREDICT_NMS.iou_threshold,
+        max_det: int = PREDICT_NMS.max_det,
+        multi_label: bool = PREDICT_NMS.multi_label,
         max_candidates: int = MAX_CANDIDATES,
     ) -> None:
         super().__init__()

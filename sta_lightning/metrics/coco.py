@@ -15,7 +15,8 @@ from typing import NamedTuple
 import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
 
-from sta_lightning.data.coco import AnnotationError, load_annotation_json
+from sta_lightning.data.coco_json import load_annotation_json
+from sta_lightning.data.errors import AnnotationError
 from sta_lightning.metrics.confusion import image_confusion_matrix
 from sta_lightning.metrics.curves import PrecisionRecallCurves
 

@@ -5,6 +5,7 @@ C classes. Boxes are x1, y1, x2, y2 in input pixels.
 """
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -44,6 +45,19 @@ class Assignment(NamedTuple):
     boxes: Tensor
     scores: Tensor
     foreground: Tensor
+
+
+@dataclass(frozen=True)
+class AssignerConfig:
+    """The assigner group of a config (``model.assigner``): ``topk`` candidates per ground-truth box, the
+    exponents ``alpha`` of the class score and ``beta`` of the CIoU in the alignment metric, and
+    ``min_box_side`` (pixels): ground-truth sides shorter than this count as this long in the inside test (16
+    is what Ultralytics 8.4 does); null keeps the classic YOLOv8 behaviour."""
+
+    topk: int = 10
+    alpha: float = 0.5
+    beta: float = 6.0
+    min_box_side: float | None = None
 
 
 class TaskAlignedAssigner:
@@ -102,10 +116,11 @@ class TaskAlignedAssigner:
         top_anchors = alignment.topk(min(self.topk, num_anchors), dim=-1).indices
         selected = torch.zeros_like(candidates).scatter_(-1, top_anchors, True) & candidates
 
+        # An anchor selected by several ground-truth boxes goes to the one it overlaps most (computed for
+        # every anchor rather than behind a host-side test: no GPU synchronisation).
         claimed_by_several = selected.sum(1) > 1  # (B, N)
-        if claimed_by_several.any():
-            best_gt = torch.nn.functional.one_hot(overlaps.argmax(1), num_slots).transpose(1, 2).bool()
-            selected = torch.where(claimed_by_several.unsqueeze(1), best_gt, selected)
+        best_gt = torch.nn.functional.one_hot(overlaps.argmax(1), num_slots).transpose(1, 2).bool()
+        selected = torch.where(claimed_by_several.unsqueeze(1), best_gt, selected)
 
         foreground = selected.any(1)
         gt_index = selected.to(torch.uint8).argmax(1)  # (B, N); 0 for background anchors

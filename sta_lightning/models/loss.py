@@ -1,20 +1,25 @@
 """The YOLOv8 detection loss: task-aligned assignment, BCE classification, CIoU box and DFL terms."""
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sta_lightning.distributed import is_distributed, sum_over_processes
-from sta_lightning.models.assigner import TaskAlignedAssigner, complete_iou
+from sta_lightning.models.assigner import AssignerConfig, TaskAlignedAssigner, complete_iou
 from sta_lightning.models.box_coding import dfl_expectation, ltrb_to_xyxy, make_anchors, xyxy_to_ltrb
 
 
 def pad_targets(
-    batch_idx: Tensor, cls: Tensor, bboxes: Tensor, batch_size: int
+    batch_idx: Tensor, cls: Tensor, bboxes: Tensor, batch_size: int, num_classes: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Flat targets (M,) image index, (M,) class, (M, 4) boxes -> per image, padded to the largest count K:
-    labels (B, K) long, boxes (B, K, 4), mask (B, K) bool marking the real slots (order kept per image)."""
+    labels (B, K) long, boxes (B, K, 4), mask (B, K) bool marking the real slots (order kept per image).
+
+    Image indices must lie in [0, B) and classes in [0, num_classes) (ValueError otherwise). The checks and
+    K come from one read of five numbers on the host: one synchronisation of a GPU per batch."""
     if bboxes.ndim != 2 or bboxes.shape[-1] != 4:
         raise ValueError(f"targets['bboxes'] must have shape (M, 4), got {tuple(bboxes.shape)}")
     if not (batch_idx.shape[0] == cls.shape[0] == bboxes.shape[0]):
@@ -23,11 +28,18 @@ def pad_targets(
             f"bboxes {bboxes.shape[0]}"
         )
     batch_idx = batch_idx.long()
-    if batch_idx.numel() and (batch_idx.min() < 0 or batch_idx.max() >= batch_size):
-        found = batch_idx.unique().tolist()
-        raise ValueError(f"targets['batch_idx'] must lie in [0, {batch_size}), got {found}")
-    counts = torch.bincount(batch_idx, minlength=batch_size)
-    num_slots = int(counts.max()) if batch_idx.numel() else 0
+    counts = torch.bincount(batch_idx.clamp(0, batch_size - 1), minlength=batch_size)
+    num_slots = 0
+    if batch_idx.numel():
+        extremes = torch.stack(
+            [batch_idx.min(), batch_idx.max(), cls.min().long(), cls.max().long(), counts.max()]
+        )
+        first_image, last_image, first_class, last_class, num_slots = extremes.tolist()
+        if first_image < 0 or last_image >= batch_size:
+            found = batch_idx.unique().tolist()
+            raise ValueError(f"targets['batch_idx'] must lie in [0, {batch_size}), got {found}")
+        if first_class < 0 or last_class >= num_classes:
+            raise ValueError(f"targets['cls'] must lie in [0, {num_classes}), got {cls.unique().tolist()}")
     order = torch.argsort(batch_idx, stable=True)
     image = batch_idx[order]
     slot = torch.arange(image.numel(), device=image.device) - (counts.cumsum(0) - counts)[image]
@@ -52,6 +64,15 @@ def distribution_focal_loss(logits: Tensor, target: Tensor) -> Tensor:
     left_ce = F.cross_entropy(flat_logits, left.view(-1), reduction="none").view(left.shape)
     right_ce = F.cross_entropy(flat_logits, right.view(-1), reduction="none").view(left.shape)
     return (left_ce * left_weight + right_ce * right_weight).mean(-1)
+
+
+@dataclass(frozen=True)
+class LossGains:
+    """The loss group of a config (``model.loss``): weights of the box (CIoU), class (BCE) and DFL terms."""
+
+    box_gain: float = 7.5
+    cls_gain: float = 0.5
+    dfl_gain: float = 1.5
 
 
 class YOLOv8Loss(nn.Module):
@@ -82,20 +103,17 @@ class YOLOv8Loss(nn.Module):
         num_classes: int,
         reg_max: int = 16,
         strides: tuple[int, ...] = (8, 16, 32),
-        box_gain: float = 7.5,
-        cls_gain: float = 0.5,
-        dfl_gain: float = 1.5,
-        topk: int = 10,
-        alpha: float = 0.5,
-        beta: float = 6.0,
-        min_box_side: float | None = None,
+        gains: LossGains = LossGains(),
+        assigner: AssignerConfig = AssignerConfig(),
     ):
         super().__init__()
         self.num_classes = num_classes
         self.reg_max = reg_max
         self.strides = tuple(strides)
-        self.gains = (box_gain, cls_gain, dfl_gain)
-        self.assigner = TaskAlignedAssigner(num_classes, topk, alpha, beta, min_box_side=min_box_side)
+        self.gains = (gains.box_gain, gains.cls_gain, gains.dfl_gain)
+        self.assigner = TaskAlignedAssigner(
+            num_classes, assigner.topk, assigner.alpha, assigner.beta, min_box_side=assigner.min_box_side
+        )
 
     def forward(
         self, preds: list[Tensor], targets: dict[str, Tensor], all_processes: bool = False
@@ -107,11 +125,6 @@ class YOLOv8Loss(nn.Module):
             raise ValueError(
                 f"YOLOv8Loss: prediction maps need {expected_channels} channels (4 * {self.reg_max} DFL + "
                 f"{self.num_classes} classes), got {[p.shape[1] for p in preds]}"
-            )
-        classes = targets["cls"]
-        if classes.numel() and (classes.min() < 0 or classes.max() >= self.num_classes):
-            raise ValueError(
-                f"targets['cls'] must lie in [0, {self.num_classes}), got {classes.unique().tolist()}"
             )
         batch_size = preds[0].shape[0]
         device = preds[0].device
@@ -135,6 +148,7 @@ class YOLOv8Loss(nn.Module):
             targets["cls"].to(device),
             targets["bboxes"].to(device, flat.dtype),
             batch_size,
+            self.num_classes,
         )
         assignment = self.assigner(
             cls_logits.detach().sigmoid(),

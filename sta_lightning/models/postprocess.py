@@ -1,8 +1,24 @@
 """Detection post-processing: confidence filtering and class-aware non-maximum suppression."""
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, box_convert
+
+
+@dataclass(frozen=True)
+class NMSConfig:
+    """NMS settings (``non_max_suppression``'s keyword arguments); the defaults are those of validation."""
+
+    conf_threshold: float = 0.001
+    iou_threshold: float = 0.7
+    max_det: int = 300
+    multi_label: bool = True
+
+
+PREDICT_NMS = NMSConfig(conf_threshold=0.25, multi_label=False)
+"""NMS of prediction (``predict`` and exported models): each box's best class, scores above 0.25."""
 
 
 def non_max_suppression(

@@ -24,7 +24,8 @@ from typing import Any
 from torch import Tensor
 
 from sta_lightning.checkpoint_file import read_checkpoint
-from sta_lightning.models.yolo import SCALES, YOLOv8, shape_without_unit_dims
+from sta_lightning.models.checkpoint import MODEL_PREFIX, is_training_checkpoint, read_trained
+from sta_lightning.models.yolo import SCALES, STA_PREFIX, YOLOv8, is_sta_parameter, shape_without_unit_dims
 
 # Globals that become inert stand-ins: module classes of the reference and of torch, the reference's
 # argument namespaces and loss objects, paths.
@@ -135,14 +136,9 @@ def read_weights(path: str | Path) -> WeightsFile:
             version = content.get("version")
             origin = f"ultralytics {version}" if version else "ultralytics"
             return WeightsFile(module_tensors(pickled), by_position=True, origin=f"{origin}, '{entry}' entry")
-    if "state_dict" in content and "hyper_parameters" in content:
-        tensors = {
-            key.removeprefix("model."): value
-            for key, value in content["state_dict"].items()
-            if key.startswith("model.")
-        }
-        scale = content["hyper_parameters"].get("model_scale")
-        return WeightsFile(tensors, by_position=False, origin="sta_lightning checkpoint", scale=scale)
+    if is_training_checkpoint(content):
+        trained = read_trained(content, path)
+        return WeightsFile(trained.weights, False, origin="sta_lightning checkpoint", scale=trained.scale)
     tensors = {key: value for key, value in content.items() if isinstance(value, Tensor)}
     if not tensors or len(tensors) != len(content):
         raise ValueError(
@@ -152,7 +148,7 @@ def read_weights(path: str | Path) -> WeightsFile:
     if all(_REFERENCE_KEY.match(key) for key in tensors):
         return WeightsFile(tensors, by_position=True, origin="reference state dict")
     return WeightsFile(
-        {key.removeprefix("model."): value for key, value in tensors.items()},
+        {key.removeprefix(MODEL_PREFIX): value for key, value in tensors.items()},
         by_position=False,
         origin="state dict",
     )
@@ -211,7 +207,7 @@ def load_pretrained(model: YOLOv8, path: str | Path) -> PretrainedReport:
     """
     weights = read_weights(path)
     own = model.state_dict()
-    detector_keys = [key for key in own if not key.startswith("sta.")]
+    detector_keys = [key for key in own if not is_sta_parameter(key)]
     if weights.by_position:
         values = list(weights.tensors.values())
         file_scale = _scale_of(values[0]) if values else None
@@ -258,7 +254,7 @@ def load_pretrained(model: YOLOv8, path: str | Path) -> PretrainedReport:
             )
     new_blocks = []
     for name, blocks in model.sta.items():
-        keys = [key for key in own if key.startswith(f"sta.{name}.")]
+        keys = [key for key in own if key.startswith(f"{STA_PREFIX}{name}.")]
         if all(key in incoming and incoming[key].shape == own[key].shape for key in keys):
             state.update({key: incoming[key].to(own[key].dtype) for key in keys})
             report.sta_loaded += len(keys)
@@ -271,8 +267,8 @@ def load_pretrained(model: YOLOv8, path: str | Path) -> PretrainedReport:
     return report
 
 
-def _scale_error(path: str | Path, file_scale: str | None, model_scale: str) -> ValueError:
+def _scale_error(path: str | Path, file_scale: str | None, scale: str) -> ValueError:
     return ValueError(
         f"pretrained weights {path}: a YOLOv8{file_scale or ' (unknown scale)'} file, but the model is "
-        f"YOLOv8{model_scale} (model_scale: {model_scale}); set model_scale to the file's scale"
+        f"YOLOv8{scale} (detector.scale: {scale}); set detector.scale to the file's scale"
     )

@@ -52,6 +52,7 @@ OUTPUT_LAYERS = (15, 18, 21)
 SAVED_LAYERS = frozenset(SKIP_SOURCES.values()) | frozenset(OUTPUT_LAYERS)
 STRIDES = (8, 16, 32)
 MAX_STRIDE = 32
+STA_PREFIX = "sta."  # the YOLOv8 keeps its STA blocks in ``self.sta``: their parameter names start so
 REG_MAX = 16
 HEAD_DIM = 32
 
@@ -271,7 +272,7 @@ class YOLOv8(nn.Module):
                 continue
             x, association = block(x, return_association=True)
             if association is not None:
-                self._associations[f"sta.{key}.{position}"] = association
+                self._associations[f"{STA_PREFIX}{key}.{position}"] = association
         return x
 
     @staticmethod
@@ -282,9 +283,20 @@ class YOLOv8(nn.Module):
             raise TypeError(
                 f"YOLOv8: expected float images in [0, 1] (divide uint8 by 255), got {images.dtype}"
             )
-        height, width = images.shape[-2:]
-        if height % MAX_STRIDE or width % MAX_STRIDE:
-            raise ValueError(f"YOLOv8: image size {height}x{width} is not a multiple of {MAX_STRIDE}")
+        check_image_size(*images.shape[-2:], owner="YOLOv8")
+
+
+def check_image_size(*sides: int, owner: str = "image_size") -> None:
+    """Raise a ValueError naming ``owner`` unless every side (pixels) is a positive multiple of the largest
+    stride, 32: the detector's feature maps must tile the input exactly."""
+    if any(side < MAX_STRIDE or side % MAX_STRIDE for side in sides):
+        size = "x".join(str(side) for side in sides)
+        raise ValueError(f"{owner}: the input size must be a positive multiple of {MAX_STRIDE}, got {size}")
+
+
+def is_sta_parameter(name: str) -> bool:
+    """Whether a state-dict or parameter name of a ``YOLOv8`` belongs to one of its STA blocks."""
+    return name.startswith(STA_PREFIX)
 
 
 def load_reference_state_dict(model: YOLOv8, state_dict: Mapping[str, Tensor]) -> None:
@@ -297,7 +309,7 @@ def load_reference_state_dict(model: YOLOv8, state_dict: Mapping[str, Tensor]) -
     Raises ValueError when the tensor counts differ (wrong scale, or a checkpoint of a model with STA).
     """
     own = model.state_dict()
-    detector_keys = [key for key in own if not key.startswith("sta.")]
+    detector_keys = [key for key in own if not is_sta_parameter(key)]
     reference = list(state_dict.items())
     if len(reference) != len(detector_keys):
         raise ValueError(

@@ -59,7 +59,7 @@ class GroupedHeadAttention(nn.Module):
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = qk_scale or self.head_dim**-0.5  # same `or` semantics as the official code
+        self.logit_scale = qk_scale or self.head_dim**-0.5  # same `or` semantics as the official code
         self.attn_drop = attn_drop
         self.qkv = nn.Conv2d(dim, 3 * dim, 1, bias=qkv_bias)
         self.proj = nn.Conv2d(dim, dim, 1)
@@ -76,7 +76,7 @@ class GroupedHeadAttention(nn.Module):
         qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)
         q, k, v = qkv.view(b, n, self.num_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)  # (B, heads, N, d)
         out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
+            q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.logit_scale
         )
         out = F.linear(out.transpose(1, 2).reshape(b, n, c), self.proj.weight.flatten(1), self.proj.bias)
         return self.proj_drop(out)
@@ -142,7 +142,7 @@ class StokenAttention(nn.Module):
         self.stoken_size: tuple[int, int] = stoken_size
         self.n_iter = int(n_iter)
         self.pixel_layout = pixel_layout
-        self.scale = dim**-0.5  # association scale: full channel width, as in the official code
+        self.logit_scale = dim**-0.5  # association logits' scale: full channel width, as in the official code
         self.stoken_refine = GroupedHeadAttention(dim, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop)
         self.register_load_state_dict_pre_hook(_drop_official_fixed_banks)
 
@@ -181,14 +181,16 @@ class StokenAttention(nn.Module):
         rows, dtype = self.uses_rows(x), _work_dtype(x)
         with torch.autocast(device, enabled=False):
             if rows:
-                tokens, affinity, _ = sta_pixels.RowPool.apply(x, self.n_iter, self.scale, self.stoken_size)
+                tokens, affinity, _ = sta_pixels.RowPool.apply(
+                    x, self.n_iter, self.logit_scale, self.stoken_size
+                )
             else:
                 tokens, affinity, _ = _run(
                     sta_pixels.CellPool,
                     sta_pixels.cell_pool,
                     x,
                     self.n_iter,
-                    self.scale,
+                    self.logit_scale,
                     self.stoken_size,
                     dtype,
                 )

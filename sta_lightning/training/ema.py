@@ -9,12 +9,22 @@ weights in for validation, saves them as the checkpoint's ``state_dict`` (the ra
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    """The EMA group of a config (``model.ema``): whether to average, and ``ModelEMA``'s decay and tau."""
+
+    enabled: bool = True
+    decay: float = 0.9999
+    tau: float = 2000.0
 
 
 class ModelEMA(WeightAveraging):

@@ -11,9 +11,7 @@ the last good weights.
 
 from __future__ import annotations
 
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -22,12 +20,6 @@ class NonFiniteTrainingError(RuntimeError):
 
 class NonFiniteStepWarning(UserWarning):
     """A training step was skipped because its loss or gradients were NaN or inf."""
-
-
-def gradients_are_finite(parameters: list[Tensor]) -> bool:
-    """Whether the total 2-norm of the parameters' gradients is finite (no NaN or inf in any of them)."""
-    gradients = [p.grad for p in parameters if p.grad is not None]
-    return not gradients or bool(torch.isfinite(torch.nn.utils.get_total_norm(gradients)))
 
 
 class NonFiniteStepGuard:
@@ -52,7 +44,8 @@ class NonFiniteStepGuard:
                 f"{self.in_row} training steps in a row had a non-finite loss or gradients, the last one the "
                 f"{what} at {where}: stopping. The weights were never updated with a non-finite value, so "
                 "the checkpoints written so far (last.ckpt) hold the last good weights; check the data, or "
-                "resume with a lower model.lr0 (max_nonfinite_steps sets how many skips in a row are allowed)"
+                "resume with a lower model.optimizer.lr0 (model.step.max_nonfinite_steps sets how many skips "
+                "in a row are allowed)"
             )
         rank_zero_warn(
             f"Non-finite {what} at {where}: the step is skipped ({self.in_row} in a row; the fit stops at "

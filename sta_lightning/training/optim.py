@@ -16,12 +16,51 @@ import numpy as np
 import torch
 from torch import nn
 
+from sta_lightning.models import is_sta_parameter
+
 # Layers whose weights are a normalisation scale (no weight decay), as torch.nn names them.
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
 GROUP_NAMES = ("bias", "weight", "norm")
 
 OptimizerName = Literal["SGD", "AdamW"]
 ScheduleName = Literal["linear", "cosine"]
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The optimizer group of a config (``model.optimizer``).
+
+    name: "SGD" (nesterov, momentum ``momentum``) or "AdamW" (betas (``momentum``, 0.999)).
+    lr0: initial learning rate, reached at the end of warmup; lrf: final lr as a fraction of lr0 (at the last
+        epoch); schedule: the per-epoch decay, "linear" or "cosine".
+    momentum: SGD momentum / Adam beta1.
+    weight_decay: decay of the conv/linear weights for a batch of ``nominal_batch_size`` images; scaled by
+        batch x devices x accumulate / nominal_batch_size.
+    nominal_batch_size: images per optimizer step that the recipe assumes (64); gradients of
+        round(nominal / (batch x devices)) batches are summed per step.
+    sta_lr_scale: learning-rate multiplier of the STA parameters (the new ones when fine-tuning).
+    """
+
+    name: OptimizerName = "SGD"
+    lr0: float = 0.01
+    lrf: float = 0.01
+    schedule: ScheduleName = "linear"
+    momentum: float = 0.937
+    weight_decay: float = 5e-4
+    nominal_batch_size: int = 64
+    sta_lr_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    """The warmup group of a config (``model.warmup``): max(round(epochs x batches per epoch),
+    min_iterations) iterations (epochs 0: none), during which the bias lr falls from ``bias_lr`` and the
+    momentum rises from ``momentum``."""
+
+    epochs: float = 3.0
+    min_iterations: int = 100
+    bias_lr: float = 0.1
+    momentum: float = 0.8
 
 
 def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -40,28 +79,24 @@ def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 
 def build_optimizer(
-    model: nn.Module,
-    name: OptimizerName,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    sta_lr_scale: float = 1.0,
-    exclude: Iterable[nn.Parameter] = (),
+    model: nn.Module, config: OptimizerConfig, exclude: Iterable[nn.Parameter] = ()
 ) -> torch.optim.Optimizer:
-    """SGD (nesterov) or AdamW (betas (momentum, 0.999)) over the three groups; decay on ``weight`` only.
+    """SGD (nesterov) or AdamW (betas (momentum, 0.999)) over the three groups at lr ``lr0``; decay on
+    ``weight`` only.
 
     Each param group carries its ``name`` ("bias", "weight", "norm") and an ``lr_scale`` that multiplies the
-    scheduled lr: 1, or ``sta_lr_scale`` for a second group of each name holding the STA parameters (those
-    named ``sta.*``) when ``sta_lr_scale`` is not 1. Parameters in ``exclude`` (frozen ones) are left out.
+    scheduled lr: 1, or ``sta_lr_scale`` for a second group of each name holding the STA parameters when
+    ``sta_lr_scale`` is not 1. Parameters in ``exclude`` (frozen ones) are left out.
     """
     skipped = {id(p) for p in exclude}
+    sta_lr_scale = config.sta_lr_scale
     scaled = (
-        {id(p) for n, p in model.named_parameters() if n.startswith("sta.")} if sta_lr_scale != 1 else set()
+        {id(p) for n, p in model.named_parameters() if is_sta_parameter(n)} if sta_lr_scale != 1 else set()
     )
     param_groups = []
     for group, parameters in parameter_groups(model).items():
         kept = [p for p in parameters if id(p) not in skipped]
-        decay = weight_decay if group == "weight" else 0.0
+        decay = config.weight_decay if group == "weight" else 0.0
         param_groups.append(
             {
                 "params": [p for p in kept if id(p) not in scaled],
@@ -75,12 +110,12 @@ def build_optimizer(
             param_groups.append(
                 {"params": members, "name": group, "lr_scale": sta_lr_scale, "weight_decay": decay}
             )
-    if name == "SGD":
-        optimizer = torch.optim.SGD(param_groups, lr=lr, momentum=momentum, nesterov=True)
-    elif name == "AdamW":
-        optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=(momentum, 0.999))
+    if config.name == "SGD":
+        optimizer = torch.optim.SGD(param_groups, lr=config.lr0, momentum=config.momentum, nesterov=True)
+    elif config.name == "AdamW":
+        optimizer = torch.optim.AdamW(param_groups, lr=config.lr0, betas=(config.momentum, 0.999))
     else:
-        raise ValueError(f"optimizer must be 'SGD' or 'AdamW', got {name!r}")
+        raise ValueError(f"optimizer.name must be 'SGD' or 'AdamW', got {config.name!r}")
     return optimizer
 
 
@@ -95,11 +130,11 @@ def scaled_weight_decay(weight_decay: float, nominal_batch_size: int, total_batc
     return weight_decay * total_batch_size * accumulate / nominal_batch_size
 
 
-def warmup_iterations(warmup_epochs: float, batches_per_epoch: int, min_iterations: int) -> int:
-    """Number of warmup iterations: max(round(warmup_epochs x batches), min_iterations); -1 for no warmup."""
-    if warmup_epochs <= 0:
+def warmup_iterations(warmup: WarmupConfig, batches_per_epoch: int) -> int:
+    """Number of warmup iterations: max(round(epochs x batches), min_iterations); -1 for no warmup."""
+    if warmup.epochs <= 0:
         return -1
-    return max(round(warmup_epochs * batches_per_epoch), min_iterations)
+    return max(round(warmup.epochs * batches_per_epoch), warmup.min_iterations)
 
 
 @dataclass(frozen=True)
@@ -116,40 +151,37 @@ class StepSettings:
 class TrainingSchedule:
     """lr, momentum and accumulation as functions of the iteration ``ni`` (counted over all epochs) and epoch.
 
-    Decay per epoch e of E: linear ``(1 - e / E) (1 - lrf) + lrf``, or cosine from 1 to ``lrf``. During the
-    first ``warmup_iters`` iterations the bias lr falls linearly from ``warmup_bias_lr``, the other lrs rise
-    from 0, both to ``lr0 x decay(e)``; the momentum rises from ``warmup_momentum`` to ``momentum``; the
-    accumulation rises from 1 to ``nominal_batch_size / total_batch_size`` (rounded).
+    Decay per epoch e of E = ``epochs``: linear ``(1 - e / E) (1 - lrf) + lrf``, or cosine from 1 to ``lrf``.
+    During the first ``warmup_iters`` iterations the bias lr falls linearly from the warmup's ``bias_lr``,
+    the other lrs rise from 0, both to ``lr0 x decay(e)``; the momentum rises from the warmup's
+    ``momentum`` to the optimizer's; the accumulation rises from 1 to ``nominal_batch_size /
+    total_batch_size`` (rounded).
     """
 
-    lr0: float
-    lrf: float
+    optimizer: OptimizerConfig
+    warmup: WarmupConfig
     epochs: int
-    schedule: ScheduleName
     warmup_iters: int
-    warmup_bias_lr: float
-    warmup_momentum: float
-    momentum: float
-    nominal_batch_size: int
     total_batch_size: int
 
     def lr_factor(self, epoch: int) -> float:
         """The decay factor of ``epoch``: 1 at epoch 0, ``lrf`` at ``epochs``."""
-        if self.schedule == "cosine":
-            return ((1 - math.cos(epoch * math.pi / self.epochs)) / 2) * (self.lrf - 1) + 1
-        return max(1 - epoch / self.epochs, 0) * (1.0 - self.lrf) + self.lrf
+        lrf = self.optimizer.lrf
+        if self.optimizer.schedule == "cosine":
+            return ((1 - math.cos(epoch * math.pi / self.epochs)) / 2) * (lrf - 1) + 1
+        return max(1 - epoch / self.epochs, 0) * (1.0 - lrf) + lrf
 
     def at(self, ni: int, epoch: int) -> StepSettings:
-        lr = self.lr0 * self.lr_factor(epoch)
+        lr = self.optimizer.lr0 * self.lr_factor(epoch)
+        nominal = self.optimizer.nominal_batch_size
         if ni > self.warmup_iters:
-            accumulate = accumulation_steps(self.nominal_batch_size, self.total_batch_size)
+            accumulate = accumulation_steps(nominal, self.total_batch_size)
             return StepSettings(lrs=(lr, lr, lr), momentum=None, accumulate=accumulate)
         span = [0, self.warmup_iters]
-        target_accumulate = self.nominal_batch_size / self.total_batch_size
-        accumulate = max(1, int(np.interp(ni, span, [1, target_accumulate]).round()))
-        bias_lr = float(np.interp(ni, span, [self.warmup_bias_lr, lr]))
+        accumulate = max(1, int(np.interp(ni, span, [1, nominal / self.total_batch_size]).round()))
+        bias_lr = float(np.interp(ni, span, [self.warmup.bias_lr, lr]))
         other_lr = float(np.interp(ni, span, [0.0, lr]))
-        momentum = float(np.interp(ni, span, [self.warmup_momentum, self.momentum]))
+        momentum = float(np.interp(ni, span, [self.warmup.momentum, self.optimizer.momentum]))
         return StepSettings(lrs=(bias_lr, other_lr, other_lr), momentum=momentum, accumulate=accumulate)
 
 

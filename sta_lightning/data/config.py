@@ -1,0 +1,82 @@
+"""The config groups of the datamodules: splits, loader settings and training augmentation."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, is_dataclass
+from typing import Any, Literal
+
+DEFAULT_IMAGE_SIZE = 640  # input size S without a config or a checkpoint that says otherwise
+
+
+@dataclass(frozen=True)
+class Split:
+    """One annotated split: a folder of ``images`` and the COCO instances json (``annotations``) that
+    lists them (file names relative to the folder)."""
+
+    images: str
+    annotations: str
+
+
+@dataclass(frozen=True)
+class PredictSource:
+    """What ``predict`` reads: ``images``, an image file, a folder of images or a list of files; or, with
+    ``annotations`` (a COCO json listing the images to predict: ``images`` and ``categories``, its
+    ``annotations`` may be empty), the folder of that file's images. With annotations, predictions carry its
+    image and category ids and are in its pixel frame; listed images missing from the folder are skipped
+    with a DataWarning."""
+
+    images: str | list[str]
+    annotations: str | None = None
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """The loader group (``data.loader``).
+
+    batch_size: images per batch and per device.
+    num_workers: DataLoader processes; None picks min(8, CPU count).
+    pin_memory: pin batches in page-locked memory (for GPU training).
+    persistent_workers: keep the DataLoader workers from one epoch (and validation) to the next instead of
+        starting them anew (with num_workers > 0).
+    cache: "ram": decode the training images once, resized to the input size, into shared memory that all
+        workers read (its size is logged; the samples stay the same; under DDP each process holds a copy);
+        null: decode them for every sample.
+    reduced_decoding: decode training JPEGs at least twice the size they need at 1/2, 1/4 or 1/8
+        (``CocoDetectionDataset``): faster for photos many times the input size, but training pixels then
+        differ slightly from what evaluation and deployment decode.
+    """
+
+    batch_size: int = 16
+    num_workers: int | None = None
+    pin_memory: bool = False
+    persistent_workers: bool = True
+    cache: Literal["ram"] | None = None
+    reduced_decoding: bool = False
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The training augmentation group (``data.augment``), with the reference's names and defaults.
+
+    mosaic: probability of a 4-image mosaic per training sample; close_mosaic: no mosaic in the last this
+        many epochs.
+    degrees, translate, scale: affine rotation (+-degrees), translation (+-fraction of S) and zoom (factor
+        U[1 - scale, 1 + scale]).
+    hsv_h, hsv_s, hsv_v: colour gains of hue (fraction of a turn), saturation and value (factor ranges).
+    fliplr: horizontal flip probability.
+    """
+
+    mosaic: float = 1.0
+    close_mosaic: int = 10
+    degrees: float = 0.0
+    translate: float = 0.1
+    scale: float = 0.5
+    hsv_h: float = 0.015
+    hsv_s: float = 0.7
+    hsv_v: float = 0.4
+    fliplr: float = 0.5
+
+
+def plain(value: Any) -> Any:
+    """A config value as plain data (dataclasses as dicts) for hyperparameters and checkpoints."""
+    return asdict(value) if is_dataclass(value) else value
