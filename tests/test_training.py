@@ -301,3 +301,22 @@ def test_compiled_train_step_trains_like_the_eager_one(tmp_path):
 def test_unknown_compile_backend_is_refused_by_name():
     with pytest.raises(ValueError, match="compile.backend 'inductr'"):
         CompileConfig(enabled=True, backend="inductr")
+
+
+def test_load_from_checkpoint_rebuilds_the_config_groups_and_weights(tmp_path):
+    # Lightning passes the checkpoint's hyperparameters (plain dicts) back to __init__.
+    module = DetectionModule(
+        detector=DetectorConfig(scale="n", sta=[{"layer": 8, "stoken_size": [1, 1], "num_heads": 2}]),
+        classes=Classes(["cat", "dog"], [17, 18]),
+        optimizer=OptimizerConfig(name="AdamW", lr0=0.002),
+        ema=EMAConfig(tau=5.0),
+    )
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "module.ckpt")
+    loaded = DetectionModule.load_from_checkpoint(tmp_path / "module.ckpt")
+    assert loaded.optimizer_config == OptimizerConfig(name="AdamW", lr0=0.002)
+    assert loaded.ema_config.tau == 5.0 and loaded.classes == Classes(["cat", "dog"], [17, 18])
+    assert [p.layer for p in loaded.model.sta_placements] == [8]
+    for key, value in module.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
