@@ -122,7 +122,7 @@ def fit_ours(args: argparse.Namespace, variant: str, seed: int, pretrained: str 
 
 
 def write_yolo_layout(index, split: str, root: Path) -> list[str]:
-    """Image links and YOLO txt labels (class cx cy w h, normalised) of a CocoIndex under root; the paths."""
+    """Image links and YOLO txt labels (class cx cy w h, normalised) of a COCOIndex under root; the paths."""
     images, labels = root / "images" / split, root / "labels" / split
     images.mkdir(parents=True, exist_ok=True)
     labels.mkdir(parents=True, exist_ok=True)

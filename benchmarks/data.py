@@ -1,7 +1,7 @@
 """Data pipeline throughput per worker, side by side with the reference, and the cost of an epoch start.
 
 0. With ``--reference-python`` (the python of a venv with ``ultralytics==8.2.103``, never this project's):
-   training samples per second of this project's ``CocoDetectionDataset`` and of the reference's
+   training samples per second of this project's ``COCODetectionDataset`` and of the reference's
    ``YOLODataset`` (benchmarks/reference_data.py, run by that python), one process and one thread each, on
    the same images (``--images``/``--annotations``, default coco128 from ../shared/data) at ``--image-size``
    with the default recipe (mosaic, affine, HSV, flip), JPEG decoding included, in alternating rounds of
@@ -46,7 +46,7 @@ from accuracy import write_yolo_layout  # noqa: E402
 from sta_lightning.data import COCODataModule, DemoDataModule  # noqa: E402
 from sta_lightning.data.coco_index import load_coco_index  # noqa: E402
 from sta_lightning.data.config import LoaderConfig, Split  # noqa: E402
-from sta_lightning.data.dataset import CocoDetectionDataset  # noqa: E402
+from sta_lightning.data.dataset import COCODetectionDataset  # noqa: E402
 from sta_lightning.data.transforms import TrainAugmentation  # noqa: E402
 
 GOAL_IMAGES_PER_SECOND = 30.0
@@ -58,7 +58,7 @@ REFERENCE_SCRIPT = Path(__file__).with_name("reference_data.py")
 class OurSamples:
     """Training samples of this project's dataset, timed round by round over shuffled epochs."""
 
-    def __init__(self, dataset: CocoDetectionDataset, seed: int = 0) -> None:
+    def __init__(self, dataset: COCODetectionDataset, seed: int = 0) -> None:
         self.dataset = dataset
         self.epochs = np.random.default_rng(seed)
         self.order: list[int] = []
@@ -142,10 +142,10 @@ def compare_with_reference(args: argparse.Namespace) -> None:
         workdir = Path(workdir)
         write_yolo_layout(index, "train", workdir / "yolo")
         start = time.perf_counter()
-        cached = CocoDetectionDataset(index, size, TrainAugmentation(size), cache="ram")
+        cached = COCODetectionDataset(index, size, TrainAugmentation(size), cache="ram")
         fill_seconds = time.perf_counter() - start
         sides = {
-            "ours": OurSamples(CocoDetectionDataset(index, size, TrainAugmentation(size))),
+            "ours": OurSamples(COCODetectionDataset(index, size, TrainAugmentation(size))),
             "reference": ReferenceSamples(
                 args.reference_python, workdir / "yolo/images/train", size, None, workdir
             ),

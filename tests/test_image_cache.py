@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from sta_lightning.data import DemoDataModule, LoaderConfig
 from sta_lightning.data import image_cache as image_cache_module
 from sta_lightning.data.coco_index import load_coco_index
-from sta_lightning.data.dataset import CocoDetectionDataset, collate_detection
+from sta_lightning.data.dataset import COCODetectionDataset, collate_detection
 from sta_lightning.data.index_cache import CACHE_DIR_ENV
 from sta_lightning.data.transforms import TrainAugmentation
 from sta_lightning.geometry import jpeg_reduction, read_resized, resized_shape
@@ -32,8 +32,8 @@ def demo_index(tmp_path_factory):
     return dm.datasets["train"].index
 
 
-def _training_data(index, **kwargs) -> CocoDetectionDataset:
-    dataset = CocoDetectionDataset(index, SIZE, TrainAugmentation(SIZE), **kwargs)
+def _training_data(index, **kwargs) -> COCODetectionDataset:
+    dataset = COCODetectionDataset(index, SIZE, TrainAugmentation(SIZE), **kwargs)
     dataset.seed = 3
     return dataset
 
@@ -103,7 +103,7 @@ def test_reduced_decoding_changes_training_pixels_only_not_boxes_nor_evaluation(
         assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"])
         differences.append((a["image"].int() - b["image"].int()).abs().float().mean())
     assert 0 < np.mean(differences) < 4.0
-    evaluation = (CocoDetectionDataset(demo_index, SIZE, reduced_decoding=flag)[0] for flag in (False, True))
+    evaluation = (COCODetectionDataset(demo_index, SIZE, reduced_decoding=flag)[0] for flag in (False, True))
     assert torch.equal(*(sample["image"] for sample in evaluation))
 
 

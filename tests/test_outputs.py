@@ -17,7 +17,7 @@ from sta_lightning.callbacks.prediction_writer import TEST_RESULTS_FILE
 from sta_lightning.cli import main
 from sta_lightning.data import DataWarning, DemoDataModule
 from sta_lightning.data.coco_index import load_coco_index
-from sta_lightning.data.dataset import CocoDetectionDataset, ImageFolderDataset
+from sta_lightning.data.dataset import COCODetectionDataset, ImageFolderDataset
 from sta_lightning.data.demo import annotation_path
 from sta_lightning.metrics import COCO_STATS
 
@@ -150,8 +150,8 @@ def test_exif_rotated_images_are_read_in_the_annotation_frame(demo, tmp_path):
         k == i for k in range(len(original))
     ]
     seen, expected = (
-        CocoDetectionDataset(rotated, IMAGE_SIZE)[i],
-        CocoDetectionDataset(original, IMAGE_SIZE)[i],
+        COCODetectionDataset(rotated, IMAGE_SIZE)[i],
+        COCODetectionDataset(original, IMAGE_SIZE)[i],
     )
     assert seen["orig_size"] == (height, width) and np.array_equal(seen["boxes"], expected["boxes"])
     assert np.abs(seen["image"].float() - expected["image"].float()).mean() < 3  # JPEG re-encoding only
@@ -170,7 +170,7 @@ def test_exif_rotated_images_are_read_in_the_annotation_frame(demo, tmp_path):
     stored_file.write_text(json.dumps(stored))
     as_stored = load_coco_index(stored_file, tmp_path / "rotated")
     assert not as_stored.exif_oriented.any()
-    sample = CocoDetectionDataset(as_stored, IMAGE_SIZE)[i]
+    sample = COCODetectionDataset(as_stored, IMAGE_SIZE)[i]
     assert sample["orig_size"] == (width, height)
     turned = np.rot90(expected["image"].numpy(), k=1, axes=(1, 2))  # the letterboxed view, turned CCW
     assert np.abs(sample["image"].float().numpy() - turned).mean() < 3

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from sta_lightning.callbacks.chart_logging import log_chart
 from sta_lightning.callbacks.charts import bar_chart, histograms_chart
 from sta_lightning.data.datamodule import COCODataModule
-from sta_lightning.data.dataset import CocoDetectionDataset
+from sta_lightning.data.dataset import COCODetectionDataset
 from sta_lightning.data.statistics import (
     SplitStatistics,
     aspect_bins,
@@ -34,7 +34,7 @@ class DatasetStatisticsCallback(Callback):
       size) and of the aspect ratio width / height (1/8 to 8, log scale) per split.
 
     W&B gets a table, a native bar chart and native histograms; TensorBoard the images; ``<run
-    folder>/plots/`` PNG and CSV files. For a datamodule whose ``datasets`` hold ``CocoDetectionDataset``s
+    folder>/plots/`` PNG and CSV files. For a datamodule whose ``datasets`` hold ``COCODetectionDataset``s
     (``COCODataModule``, ``DemoDataModule``); crowd regions are counted apart, as evaluation ignores them.
 
     Args:
@@ -51,7 +51,7 @@ class DatasetStatisticsCallback(Callback):
         datamodule = trainer.datamodule
         datasets = datamodule.datasets if isinstance(datamodule, COCODataModule) else {}
         indexed = {
-            split: dataset for split, dataset in datasets.items() if isinstance(dataset, CocoDetectionDataset)
+            split: dataset for split, dataset in datasets.items() if isinstance(dataset, COCODetectionDataset)
         }
         if not indexed:
             return

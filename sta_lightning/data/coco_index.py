@@ -19,7 +19,7 @@ from sta_lightning.data.exif import annotation_frame_is_exif_oriented
 from sta_lightning.data.image_scan import scan_images
 from sta_lightning.data.index_cache import cache_file_for, read_cache, write_cache
 
-# What the scan cache stores of a CocoIndex: its arrays, and the rest as a JSON report.
+# What the scan cache stores of a COCOIndex: its arrays, and the rest as a JSON report.
 ARRAY_FIELDS = ("image_ids", "file_names", "sizes", "exif_oriented", "box_starts", "boxes", "labels")
 REPORT_FIELDS = (
     "category_ids",
@@ -33,7 +33,7 @@ REPORT_FIELDS = (
 
 
 @dataclass
-class CocoIndex:
+class COCOIndex:
     """The usable images of one annotation file and their training targets (crowd regions excluded).
 
     ``image_ids`` (N,) int64, ``file_names`` (N,) str, ``sizes`` (N, 2) int64 (h, w) original pixels (the
@@ -90,7 +90,7 @@ class CocoIndex:
             )
 
 
-def load_coco_index(annotation_file: str | Path, image_dir: str | Path, scan_workers: int = 8) -> CocoIndex:
+def load_coco_index(annotation_file: str | Path, image_dir: str | Path, scan_workers: int = 8) -> COCOIndex:
     """Validated index of ``annotation_file`` with images under ``image_dir`` (from the cache if fresh).
 
     Raises FileNotFoundError / AnnotationError for a missing or malformed file, NotADirectoryError for a
@@ -109,7 +109,7 @@ def load_coco_index(annotation_file: str | Path, image_dir: str | Path, scan_wor
         write_cache(cache_file, {name: getattr(index, name) for name in ARRAY_FIELDS}, report)
     else:
         arrays, report = cached
-        index = CocoIndex(
+        index = COCOIndex(
             annotation_file=annotation_file,
             image_dir=image_dir,
             category_ids=tuple(report["category_ids"]),
@@ -125,7 +125,7 @@ def load_coco_index(annotation_file: str | Path, image_dir: str | Path, scan_wor
     return index
 
 
-def _build_index(annotation_file: Path, image_dir: Path, scan_workers: int) -> CocoIndex:
+def _build_index(annotation_file: Path, image_dir: Path, scan_workers: int) -> COCOIndex:
     instances = read_instances(annotation_file)
     images, boxes_of = instances.images, instances.boxes_of
     bad_images = scan_images(
@@ -140,7 +140,7 @@ def _build_index(annotation_file: Path, image_dir: Path, scan_workers: int) -> C
     rows = [row for image_id in kept for row in boxes_of[image_id]]
     table = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
     counts = np.asarray([len(boxes_of[image_id]) for image_id in kept], dtype=np.int64)
-    return CocoIndex(
+    return COCOIndex(
         annotation_file=annotation_file,
         image_dir=image_dir,
         category_ids=instances.category_ids,

@@ -87,7 +87,7 @@ def read_categories(path: str | Path) -> tuple[tuple[int, ...], tuple[str, ...]]
 
 
 @dataclass
-class CocoInstances:
+class COCOInstances:
     """The checked content of an instances json: categories (ids sorted, names), ``images`` id -> (file
     name, height, width), ``boxes_of`` id -> [(x1, y1, x2, y2, class index)] clipped to the image, and what
     was dropped, clipped or left out (crowd regions)."""
@@ -108,7 +108,7 @@ def clip_to_image(bbox: list[float], width: int, height: int) -> tuple[float, fl
     return None if x2 <= x1 or y2 <= y1 else (x1, y1, x2, y2)
 
 
-def read_instances(annotation_file: Path) -> CocoInstances:
+def read_instances(annotation_file: Path) -> COCOInstances:
     """Read and check ``annotation_file`` (an image info file, without annotations, too)."""
     data = load_annotation_json(annotation_file, annotations_required=False)  # image info files too
     category_ids, class_names = parse_categories(annotation_file, data)
@@ -181,4 +181,4 @@ def read_instances(annotation_file: Path) -> CocoInstances:
             clipped.append(f"annotation {annotation_id} bbox {bbox} clipped to its {width}x{height} image")
         boxes_of[image_id].append((x1, y1, x2, y2, class_of[category_id]))
 
-    return CocoInstances(category_ids, class_names, images, boxes_of, num_crowd, dropped, clipped)
+    return COCOInstances(category_ids, class_names, images, boxes_of, num_crowd, dropped, clipped)

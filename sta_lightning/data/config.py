@@ -42,7 +42,7 @@ class LoaderConfig:
         workers read (its size is logged; the samples stay the same; under DDP each process holds a copy);
         null: decode them for every sample.
     reduced_decoding: decode training JPEGs at least twice the size they need at 1/2, 1/4 or 1/8
-        (``CocoDetectionDataset``): faster for photos many times the input size, but training pixels then
+        (``COCODetectionDataset``): faster for photos many times the input size, but training pixels then
         differ slightly from what evaluation and deployment decode.
     """
 

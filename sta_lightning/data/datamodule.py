@@ -37,7 +37,7 @@ from sta_lightning.data.config import (
     plain,
 )
 from sta_lightning.data.dataset import (
-    CocoDetectionDataset,
+    COCODetectionDataset,
     ImageFolderDataset,
     collate_detection,
     list_image_files,
@@ -101,7 +101,7 @@ class COCODataModule(L.LightningDataModule):
         self.loader = loader
         self.num_workers = min(8, os.cpu_count() or 1) if loader.num_workers is None else loader.num_workers
         self.augment = augment
-        self.datasets: dict[str, CocoDetectionDataset | ImageFolderDataset] = {}
+        self.datasets: dict[str, COCODetectionDataset | ImageFolderDataset] = {}
         self._classes = self._read_classes()
 
     def _read_classes(self) -> Classes | None:
@@ -145,7 +145,7 @@ class COCODataModule(L.LightningDataModule):
             for split in dict.fromkeys(split for split in self.splits.values() if split):
                 load_coco_index(split.annotations, split.images, scan_workers=max(1, self.num_workers))
 
-    def _load_split(self, name: str, stage: str) -> CocoDetectionDataset:
+    def _load_split(self, name: str, stage: str) -> COCODetectionDataset:
         split = self.splits[name]
         if split is None:
             needed = "test (or val)" if name == "test" else name
@@ -168,9 +168,9 @@ class COCODataModule(L.LightningDataModule):
                 "score (an image info file names images to predict: give it as predict.annotations)"
             )
         if name != "train":
-            return CocoDetectionDataset(index, self.image_size)
+            return COCODetectionDataset(index, self.image_size)
         augmentation = TrainAugmentation(self.image_size, self.augment)
-        dataset = CocoDetectionDataset(
+        dataset = COCODetectionDataset(
             index,
             self.image_size,
             augmentation,
@@ -245,7 +245,7 @@ class COCODataModule(L.LightningDataModule):
         dataset.mosaic_enabled = enabled
         dataset.epoch = epoch
 
-    def _dataset(self, split: str) -> CocoDetectionDataset | ImageFolderDataset:
+    def _dataset(self, split: str) -> COCODetectionDataset | ImageFolderDataset:
         if split not in self.datasets:
             raise RuntimeError(f"the '{split}' data is not set up")
         return self.datasets[split]

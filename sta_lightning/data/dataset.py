@@ -1,4 +1,4 @@
-"""Datasets turning a CocoIndex (or image files) into letterboxed or augmented samples; the batch collate.
+"""Datasets turning a COCOIndex (or image files) into letterboxed or augmented samples; the batch collate.
 
 A sample is a dict: ``image`` (3, S, S) uint8 RGB, ``boxes`` (n, 4) float32 xyxy input pixels, ``labels`` (n,)
 int64, ``image_id`` int, ``orig_size`` (h, w), ``ratio`` float and ``pad`` (x, y) such that
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sta_lightning.data.coco_index import CocoIndex
+from sta_lightning.data.coco_index import COCOIndex
 from sta_lightning.data.image_cache import SharedImageCache
 from sta_lightning.data.image_scan import check_image_file
 from sta_lightning.data.transforms import TrainAugmentation
@@ -28,8 +28,8 @@ def _to_chw_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
-class CocoDetectionDataset(Dataset):
-    """Images and targets of a CocoIndex at input size S: letterboxed, or augmented by ``augmentation``.
+class COCODetectionDataset(Dataset):
+    """Images and targets of a COCOIndex at input size S: letterboxed, or augmented by ``augmentation``.
 
     ``mosaic`` is the probability of a 4-image mosaic for a training sample; ``mosaic_enabled`` (set through
     the datamodule's ``set_epoch``) switches it off for the last epochs. ``epoch`` and ``mosaic_enabled`` live
@@ -51,7 +51,7 @@ class CocoDetectionDataset(Dataset):
 
     def __init__(
         self,
-        index: CocoIndex,
+        index: COCOIndex,
         image_size: int,
         augmentation: TrainAugmentation | None = None,
         mosaic: float = 1.0,
@@ -150,7 +150,7 @@ class ImageFolderDataset(Dataset):
     """Letterboxed images for prediction; ``path`` is the file.
 
     ``image_ids`` (default: the running index) and ``exif_oriented`` (default: all True, the EXIF-oriented
-    view, as a viewer shows it) come from an annotation file's ``CocoIndex`` when one is given.
+    view, as a viewer shows it) come from an annotation file's ``COCOIndex`` when one is given.
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""The scan cache: the arrays of a checked and scanned ``CocoIndex`` in a small ``.npz`` file, so that a
+"""The scan cache: the arrays of a checked and scanned ``COCOIndex`` in a small ``.npz`` file, so that a
 large dataset starts fast the second time.
 
 Files live under ``$STA_LIGHTNING_CACHE_DIR`` (default ``~/.cache/sta_lightning``; data folders may be

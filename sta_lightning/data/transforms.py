@@ -76,7 +76,7 @@ class TrainAugmentation:
     def __init__(self, image_size: int, augment: AugmentConfig = AugmentConfig()) -> None:
         self.size = image_size
         self.augment = augment
-        self.hsv = HSVGain(hue=augment.hsv_h, saturation=augment.hsv_s, value=augment.hsv_v)
+        self.hsv = HSVGain(augment.hsv_h, augment.hsv_s, augment.hsv_v)
         self._random = random.Random(0)
 
     def reseed(self, seed: int) -> None:

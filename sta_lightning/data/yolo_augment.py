@@ -294,14 +294,15 @@ class YOLOAffine(DualTransform):
 
 
 class HSVGain(ImageOnlyTransform):
-    """Multiply hue, saturation and value of an RGB uint8 image by gains from U[1 - g, 1 + g].
+    """Multiply hue, saturation and value of an RGB uint8 image by gains from U[1 - g, 1 + g], g being
+    ``hsv_h``, ``hsv_s`` and ``hsv_v`` (the reference's names).
 
     Hue is OpenCV's 0..179 and wraps around; saturation and value saturate at 255.
     """
 
-    def __init__(self, hue: float = 0.015, saturation: float = 0.7, value: float = 0.4, p: float = 1.0):
+    def __init__(self, hsv_h: float = 0.015, hsv_s: float = 0.7, hsv_v: float = 0.4, p: float = 1.0):
         super().__init__(p=p)
-        self.gains = (hue, saturation, value)
+        self.gains = (hsv_h, hsv_s, hsv_v)
 
     def get_params(self) -> dict[str, Any]:
         return {"factors": tuple(1 + self.py_random.uniform(-1, 1) * g for g in self.gains)}
