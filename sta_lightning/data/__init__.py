@@ -1,7 +1,8 @@
 """sta_lightning.data: detection data, from annotation files to batches.
 
 Parsing, image checks, the scan cache, datasets and transforms import without Lightning. The datamodules
-(``COCODataModule``, ``DemoDataModule``) import Lightning, so they load on first access (PEP 562).
+(``COCODataModule``, ``DemoDataModule``, ``YOLODataModule``) import Lightning, so they load on first access
+(PEP 562).
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from sta_lightning.data.config import AugmentConfig, LoaderConfig, PredictSource
 from sta_lightning.data.errors import AnnotationError, DataWarning
 
 if TYPE_CHECKING:
-    from sta_lightning.data.datamodule import COCODataModule, DemoDataModule
+    from sta_lightning.data.datamodule import COCODataModule, DemoDataModule, YOLODataModule
 
-_DATAMODULES = ("COCODataModule", "DemoDataModule")
+_DATAMODULES = ("COCODataModule", "DemoDataModule", "YOLODataModule")
 __all__ = [
     "AnnotationError",
     "AugmentConfig",
@@ -25,6 +26,7 @@ __all__ = [
     "LoaderConfig",
     "PredictSource",
     "Split",
+    "YOLODataModule",
 ]
 
 

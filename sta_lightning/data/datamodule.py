@@ -13,7 +13,10 @@ last ``close_mosaic`` epochs) into shared memory that the workers read for every
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from sta_lightning.classes import Classes
+from sta_lightning.data import yolo_format
 from sta_lightning.data.coco_index import load_coco_index
 from sta_lightning.data.coco_json import read_categories
 from sta_lightning.data.config import (
@@ -43,6 +47,7 @@ from sta_lightning.data.dataset import (
     list_image_files,
 )
 from sta_lightning.data.errors import EXAMPLES_SHOWN, DataWarning, warn_data
+from sta_lightning.data.index_cache import cache_dir
 from sta_lightning.data.transforms import TrainAugmentation
 from sta_lightning.models.yolo import check_image_size
 
@@ -352,3 +357,57 @@ class DemoDataModule(COCODataModule):
             rank_zero_info(f"Generating the demo dataset in {self.root}")
             demo.generate_demo_dataset(self.root, **self.generator_settings)
         super().prepare_data()
+
+
+_YOLO_JSON_FORMAT = 1  # the version of the converted json (part of its cache key)
+
+
+class YOLODataModule(COCODataModule):
+    """A YOLO-format dataset (``data.yaml``, images and ``labels/*.txt``), read as the reference reads it
+    (``sta_lightning.data.yolo_format``).
+
+    Args:
+        data_yaml: the dataset's data.yaml; its train / val / test splits become this datamodule's.
+        predict, image_size, loader, augment: as for COCODataModule.
+
+    At construction each split is converted to a COCO instances json (category ids 0..K-1, the class
+    indices) under ``cache_dir() / "yolo"``, keyed by the YAML and the split's image and label files; the
+    conversion's skips are reported once, when it is written. Loading, augmentation and evaluation are then
+    COCODataModule's.
+    """
+
+    def __init__(
+        self,
+        data_yaml: str,
+        predict: PredictSource | None = None,
+        image_size: int | None = None,
+        loader: LoaderConfig = LoaderConfig(),
+        augment: AugmentConfig = AugmentConfig(),
+    ) -> None:
+        dataset = yolo_format.read_data_yaml(data_yaml)
+        splits = {
+            name: Split(str(dataset.root), str(self._converted(dataset, name))) for name in dataset.splits
+        }
+        super().__init__(**splits, predict=predict, image_size=image_size, loader=loader, augment=augment)
+
+    @staticmethod
+    def _converted(dataset: yolo_format.YOLODataset, split: str) -> Path:
+        """The COCO json of ``split``, written when no json of the same input files is cached."""
+
+        def mtime(path: Path) -> int:
+            return path.stat().st_mtime_ns if path.exists() else -1
+
+        images = dataset.splits[split]
+        key = [_YOLO_JSON_FORMAT, str(dataset.yaml_file), mtime(dataset.yaml_file), split]
+        key += [[str(p), mtime(p), mtime(yolo_format.label_path(p))] for p in images]
+        digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:20]
+        target = cache_dir() / "yolo" / f"{dataset.yaml_file.stem}-{split}-{digest}.json"
+        if target.is_file():
+            return target
+        with data_warnings_on_rank_zero():
+            document = yolo_format.to_coco(dataset, split)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=target.parent, suffix=".tmp", delete=False) as f:
+            json.dump(document, f)
+        os.replace(f.name, target)
+        return target

@@ -1,0 +1,252 @@
+"""YOLO-format datasets (a ``data.yaml``, ``images/`` and ``labels/*.txt``) read as the reference
+(Ultralytics YOLOv8) reads them, and converted to COCO instances dicts for ``COCODataModule``.
+
+data.yaml: ``path`` (absolute, or relative to the YAML's folder; missing: the YAML's folder); ``train``,
+``val``, ``test``: each a folder of images (searched recursively), a ``.txt`` file of image paths (absolute,
+or relative to ``path``) or a list of those; ``names``: a list, or a dict {index: name} with indices 0..K-1;
+``nc``, if given, must equal the number of names. The label file of an image is its path with the last
+``/images/`` replaced by ``/labels/`` and the suffix by ``.txt``.
+
+Label lines are ``class cx cy w h`` (normalised) or polygons ``class x1 y1 x2 y2 ...`` (at least 3 points),
+whose box is the min / max of the points. As in the reference's ``verify_image_label``:
+
+- a missing or empty label file: an image without objects;
+- a line with another field count, a non-number, a class outside 0..K-1, or a box whose normalised
+  cx, cy, w, h are not all in [0, 1]: the whole image is dropped (left out of the json);
+- duplicate lines: removed, the image kept (the first occurrence is kept, in file order; the reference
+  reorders the rows).
+
+Where this differs from the reference (YOLOv8 8.2), deliberately: each line is read by its own field
+count (the reference reads every line of a file as a polygon once one line is, turning 5-field lines into
+2-point polygons); a class index equal to the number of classes drops the image (the reference checks
+``max_cls <= num_cls`` and keeps it); boxes with zero width or height are left out with a note (the
+reference keeps them as ground truth that no prediction can match). Boxes that pass the check but overrun
+the image (cx + w / 2 > 1) are clipped by the COCO reader, as the reference clips them in training.
+
+Image sizes are those of the EXIF-oriented view, the frame the reference normalises in, so a 90 / 270 degree
+EXIF rotation is read as by the reference; a 180 degree rotation or a mirror is read in stored pixels
+(``sta_lightning.data.exif``). Images that cannot be opened are dropped. Every skip is reported in one
+``DataWarning`` per split, with counts per kind and the first ``file:line`` examples.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from sta_lightning.data.dataset import IMAGE_SUFFIXES
+from sta_lightning.data.errors import EXAMPLES_SHOWN, AnnotationError, warn_data
+from sta_lightning.data.exif import stored_and_oriented_sizes
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class YOLODataset:
+    """A parsed data.yaml: ``root`` (its ``path``), ``splits`` name -> sorted image paths, class ``names``."""
+
+    yaml_file: Path
+    root: Path
+    splits: dict[str, list[Path]]
+    names: list[str]
+
+
+@dataclass
+class Labels:
+    """The objects of one label file: ``boxes`` (n, 5) float64 rows class, cx, cy, w, h (normalised) and
+    per row the polygon (k, 2) normalised points, or None for a box line; ``dropped`` (kind, ``file:line:
+    why``) when the image is dropped, else None; ``notes`` (kind, ``file:line: what``) of lines removed from a
+    kept image."""
+
+    boxes: np.ndarray
+    polygons: list[np.ndarray | None] = field(default_factory=list)
+    dropped: tuple[str, str] | None = None
+    notes: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _names(yaml_file: Path, names: object) -> list[str]:
+    if isinstance(names, list) and names:
+        return [str(name) for name in names]
+    if isinstance(names, dict) and names:
+        keys = sorted(names, key=lambda k: int(k) if str(k).lstrip("-").isdigit() else -1)
+        if [str(k) for k in keys] != [str(i) for i in range(len(names))]:
+            raise AnnotationError(
+                f"{yaml_file}: key 'names' as a dict needs the indices 0..{len(names) - 1}, got {list(names)}"
+            )
+        return [str(names[k]) for k in keys]
+    raise AnnotationError(f"{yaml_file}: key 'names' must be a non-empty list or dict, got {names!r:.80}")
+
+
+def _split_images(yaml_file: Path, root: Path, key: str, value: object) -> list[Path]:
+    """The images of a split entry (folder, .txt list, or a list of those), sorted."""
+    items = value if isinstance(value, list) else [value]
+    files: list[Path] = []
+    for item in items:
+        path = Path(str(item))
+        path = path if path.is_absolute() else root / path
+        if path.is_dir():
+            files.extend(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif path.is_file() and path.suffix == ".txt":
+            for line in path.read_text(encoding="utf-8").splitlines():
+                line = line.strip()
+                if line:
+                    image = Path(line[2:] if line.startswith("./") else line)
+                    files.append(image if image.is_absolute() else root / image)
+        elif path.exists():
+            raise AnnotationError(f"{yaml_file}: key '{key}': {path} is neither a folder nor a .txt list")
+        else:
+            raise AnnotationError(f"{yaml_file}: key '{key}': {path} does not exist")
+    return sorted(set(files))
+
+
+def read_data_yaml(path: str | Path) -> YOLODataset:
+    """Parse a data.yaml (rules in the module docstring); errors name the file and the key at fault."""
+    yaml_file = Path(path).resolve()
+    if not yaml_file.is_file():
+        raise FileNotFoundError(f"data.yaml not found: {yaml_file}")
+    try:
+        data = yaml.safe_load(yaml_file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise AnnotationError(f"{yaml_file}: not valid YAML ({error})") from error
+    if not isinstance(data, dict):
+        raise AnnotationError(f"{yaml_file}: expected a mapping with 'names' and 'train' / 'val'")
+    if "names" not in data:
+        raise AnnotationError(f"{yaml_file}: missing the key 'names'")
+    names = _names(yaml_file, data["names"])
+    if "nc" in data and data["nc"] != len(names):
+        raise AnnotationError(f"{yaml_file}: key 'nc' is {data['nc']!r} but 'names' has {len(names)} names")
+    root = Path(str(data.get("path") or "."))
+    root = (root if root.is_absolute() else yaml_file.parent / root).resolve()
+    splits = {
+        key: _split_images(yaml_file, root, key, data[key]) for key in SPLITS if data.get(key) is not None
+    }
+    if not splits:
+        raise AnnotationError(f"{yaml_file}: missing the keys 'train' and 'val' (the image splits)")
+    return YOLODataset(yaml_file, root, splits, names)
+
+
+def label_path(image: Path) -> Path:
+    """The label file of an image: the last '/images/' of its path replaced by '/labels/', suffix '.txt'."""
+    sa, sb = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    head, sep, tail = str(image).rpartition(sa)
+    return Path((head + sb + tail) if sep else str(image)).with_suffix(".txt")
+
+
+def _dropped(kind: str, where: str, why: str) -> Labels:
+    """The Labels of an image dropped for a ``kind`` of fault at ``where`` (file:line)."""
+    return Labels(np.zeros((0, 5)), dropped=(kind, f"{where}: {why}"))
+
+
+def read_labels(label_file: Path, num_classes: int) -> Labels:
+    """The objects of a label file, or the reason to drop its image (rules in the module docstring)."""
+    if not label_file.is_file():
+        return Labels(np.zeros((0, 5)))
+    rows: list[np.ndarray] = []
+    polygons: list[np.ndarray | None] = []
+    seen: dict[tuple, int] = {}
+    notes: list[tuple[str, str]] = []
+    for number, line in enumerate(label_file.read_text(encoding="utf-8").splitlines(), start=1):
+        where = f"{label_file}:{number}"
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            values = np.array([float(v) for v in fields])
+        except ValueError:
+            return _dropped("non-number", where, f"not a number in {line.strip()!r:.60}")
+        polygon = None
+        if len(values) >= 7 and len(values) % 2 == 1:
+            polygon = values[1:].reshape(-1, 2)
+            (x1, y1), (x2, y2) = polygon.min(axis=0), polygon.max(axis=0)
+            row = np.array([values[0], (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1])
+        elif len(values) == 5:
+            row = values
+        else:
+            return _dropped(
+                "wrong field count", where, f"{len(values)} fields (5: a box; 7, 9, ...: a polygon)"
+            )
+        if not np.isfinite(row).all() or (row < 0).any():
+            return _dropped("negative value", where, "negative or non-finite values")
+        if row[0] != int(row[0]) or row[0] >= num_classes:
+            return _dropped("class out of range", where, f"class {fields[0]} outside 0..{num_classes - 1}")
+        if (row[1:] > 1).any():
+            return _dropped("coordinates beyond 1", where, f"box {row[1:].tolist()} not normalised to [0, 1]")
+        key = tuple(values)
+        if key in seen:
+            notes.append(("duplicate line", f"{where}: duplicate of line {seen[key]} removed"))
+            continue
+        seen[key] = number
+        if row[3] <= 0 or row[4] <= 0:
+            notes.append(("zero-size box", f"{where}: zero-size box removed"))
+            continue
+        rows.append(row)
+        polygons.append(polygon)
+    return Labels(np.array(rows).reshape(-1, 5), polygons, None, notes)
+
+
+def _oriented_size(image: Path) -> tuple[int, int] | None:
+    """(width, height) of the EXIF-oriented view of an image, or None when it cannot be read."""
+    try:
+        with Image.open(image) as opened:
+            _, (height, width) = stored_and_oriented_sizes(opened)
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return width, height
+
+
+def to_coco(dataset: YOLODataset, split: str) -> dict:
+    """A COCO instances dict of one split: image ids 1..N in sorted path order, file names relative to the
+    root (absolute outside it), category ids 0..K-1, boxes [x, y, w, h] and polygons in pixels. Images whose
+    labels are bad are left out; all skips are summed up in one ``DataWarning``."""
+    images, annotations = [], []
+    dropped: list[str] = []
+    removed: list[str] = []
+    kinds: Counter[str] = Counter()
+    for image in dataset.splits[split]:
+        size = _oriented_size(image)
+        if size is None:
+            dropped.append(f"{image}: unreadable image")
+            kinds["unreadable image"] += 1
+            continue
+        labels = read_labels(label_path(image), len(dataset.names))
+        if labels.dropped:
+            kinds[labels.dropped[0]] += 1
+            dropped.append(labels.dropped[1])
+            continue
+        for kind, note in labels.notes:
+            kinds[kind] += 1
+            removed.append(note)
+        width, height = size
+        image_id = len(images) + 1
+        file_name = os.path.relpath(image, dataset.root) if image.is_relative_to(dataset.root) else str(image)
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+        scale = np.array([width, height])
+        for row, polygon in zip(labels.boxes, labels.polygons, strict=True):
+            w, h = row[3] * width, row[4] * height
+            annotation = {
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": int(row[0]),
+                "bbox": [row[1] * width - w / 2, row[2] * height - h / 2, w, h],
+                "area": w * h,
+                "iscrowd": 0,
+            }
+            if polygon is not None:
+                annotation["segmentation"] = [(polygon * scale).reshape(-1).tolist()]
+            annotations.append(annotation)
+    if dropped or removed:
+        examples = (dropped + removed)[:EXAMPLES_SHOWN]
+        counts = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
+        warn_data(
+            f"{dataset.yaml_file} split '{split}': {len(dropped)} of {len(dataset.splits[split])} "
+            f"images dropped and {len(removed)} label lines removed ({counts}). "
+            f"First: {'; '.join(examples)}"
+        )
+    categories = [{"id": k, "name": name} for k, name in enumerate(dataset.names)]
+    return {"images": images, "annotations": annotations, "categories": categories}
