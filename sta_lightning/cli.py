@@ -40,7 +40,7 @@ from sta_lightning.callbacks.save_config import WandbSaveConfigCallback
 from sta_lightning.checkpoint_file import CheckpointError, read_checkpoint
 from sta_lightning.classes import Classes
 from sta_lightning.data import COCODataModule
-from sta_lightning.models.checkpoint import is_training_checkpoint, read_trained
+from sta_lightning.models.checkpoint import TrainedDetector, is_training_checkpoint, read_trained
 from sta_lightning.moved_keys import moved_in_arguments, moved_keys_message
 from sta_lightning.plugins.checkpoint_io import LocalAtomicCheckpointIO
 from sta_lightning.plugins.checkpointing import ResumableModelCheckpoint
@@ -62,6 +62,7 @@ class STALightningCLI(LightningCLI):
     """LightningCLI with the default checkpointing, the prediction writer and the class link."""
 
     checkpoint: dict[str, Any] | None = None  # the --ckpt_path content, read once
+    trained: TrainedDetector | None = None  # what that checkpoint says of its detector
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ResumableModelCheckpoint, "checkpoint")
@@ -92,7 +93,7 @@ class STALightningCLI(LightningCLI):
             trained = read_trained(content, ckpt_path)
         except CheckpointError as error:
             self.parser.error(str(error))
-        self.checkpoint = content
+        self.checkpoint, self.trained = content, trained
         model = dict(trained.hyper_parameters)
         self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
         data = self.config[subcommand]["data"]
@@ -147,12 +148,12 @@ class STALightningCLI(LightningCLI):
             return datamodule.classes
         # RuntimeError: a COCODataModule without any annotation file; AttributeError: another datamodule.
         except (RuntimeError, AttributeError) as no_classes:
-            if self.checkpoint is None:
+            if self.trained is None:
                 raise ValueError(
                     f"the model's classes are unknown ({no_classes}): give the data an annotation file, or "
                     "pass --ckpt_path of a checkpoint trained by this project"
                 ) from no_classes
-            return Classes(**self.checkpoint["hyper_parameters"]["classes"])
+            return self.trained.classes
 
 
 def main(args: list[str] | None = None) -> STALightningCLI:

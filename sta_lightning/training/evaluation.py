@@ -39,9 +39,9 @@ class COCOEvaluation:
         self.evaluator: COCOEvaluator | None = None
         self.metrics: dict[str, Any] | None = None
 
-    def setup(self, data: object, stage: str, classes: Classes) -> None:
+    def setup(self, data: DetectionData | None, stage: str, classes: Classes) -> None:
         """Build the evaluator of ``stage`` from the data's annotation file (every rank checks the file)."""
-        annotation_file = data.annotation_file(stage) if isinstance(data, DetectionData) else None
+        annotation_file = None if data is None else data.annotation_file(stage)
         if annotation_file is None:
             rank_zero_warn(
                 f"DetectionModule: no annotation file for '{stage}', so no COCO metrics are computed"

@@ -290,7 +290,7 @@ class DetectionModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate", "test"):
-            self.evaluation.setup(self.trainer.datamodule, stage, self.classes)
+            self.evaluation.setup(self.data, stage, self.classes)
         if self.data is not None:
             # One input image: Lightning's model summary runs it to count the FLOPs at the data's size.
             self.example_input_array = torch.zeros(1, 3, self.data.image_size, self.data.image_size)
