@@ -1,23 +1,39 @@
-"""``python -m sta_lightning``: the LightningCLI (fit / validate / test / predict) and ``export``."""
+"""``python -m sta_lightning``: the LightningCLI (fit / validate / test / predict) and the subcommands of
+their own parsers (export, convert)."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
-EXPORT_HELP = """
-other subcommands:
-  export                ONNX / TorchScript / ExportedProgram of a checkpoint, with its JSON sidecar
-                        (python -m sta_lightning export --help)"""
+# subcommand -> (module with main(args), one line of help)
+SUBCOMMANDS = {
+    "export": (
+        "sta_lightning.export.cli",
+        "ONNX / TorchScript / ExportedProgram of a checkpoint, with its JSON sidecar",
+    ),
+    "convert": (
+        "sta_lightning.convert",
+        "a dataset from one format to another: YOLO data.yaml or Pascal VOC to COCO json, COCO json to YOLO",
+    ),
+}
+
+
+def subcommands_help() -> str:
+    """The help lines of the subcommands with parsers of their own."""
+    lines = [
+        f"  {name:<22}{text}\n  {'':<22}(python -m sta_lightning {name} --help)"
+        for name, (_, text) in SUBCOMMANDS.items()
+    ]
+    return "\nother subcommands:\n" + "\n".join(lines)
 
 
 def main(args: list[str] | None = None) -> None:
-    """Dispatch ``export`` to its own parser and everything else to the LightningCLI (``args`` default: the
-    command line)."""
+    """Dispatch the subcommands of ``SUBCOMMANDS`` to their parsers and everything else to the LightningCLI
+    (``args`` default: the command line)."""
     given = sys.argv[1:] if args is None else args
-    if given[:1] == ["export"]:
-        from sta_lightning.export.cli import main as export_main
-
-        export_main(given[1:])
+    if given[:1] and given[0] in SUBCOMMANDS:
+        importlib.import_module(SUBCOMMANDS[given[0]][0]).main(given[1:])
         return
     from sta_lightning.cli import main as cli_main
 
@@ -25,7 +41,7 @@ def main(args: list[str] | None = None) -> None:
         cli_main(args)
     finally:
         if given[:1] in (["-h"], ["--help"]):  # after LightningCLI's help, which exits
-            print(EXPORT_HELP)
+            print(subcommands_help())
 
 
 if __name__ == "__main__":

@@ -275,3 +275,20 @@ def test_cli_fit_on_a_data_yaml(tmp_path):
     metrics = cli.trainer.callback_metrics
     for name in ("val/mAP", "val/mAP50"):
         assert torch.isfinite(metrics[name]), name
+    # The same checkpoint scores the same on the YOLO copy and on the COCO original (which has no crowd
+    # region in its val split, so nothing was left out of the copy).
+    assert not any(a["iscrowd"] for a in json.loads(annotation_path(demo, "val").read_text())["annotations"])
+    checkpoint = next((tmp_path / "run").rglob("last.ckpt"))
+    common = ["validate", f"--ckpt_path={checkpoint}", "--trainer.logger=false", "--trainer.accelerator=cpu"]
+    common += ["--trainer.devices=1", "--trainer.enable_progress_bar=false", "--data.loader.num_workers=0"]
+    yolo = main([*common, "--data=sta_lightning.data.YOLODataModule", f"--data.data_yaml={data_yaml}"])
+    coco = main(
+        [
+            *common,
+            "--data=sta_lightning.data.COCODataModule",
+            f"--data.val.images={demo / 'val'}",
+            f"--data.val.annotations={annotation_path(demo, 'val')}",
+        ]
+    )
+    for name in ("val/mAP", "val/mAP50", "val/mAR100"):
+        assert yolo.trainer.callback_metrics[name] == coco.trainer.callback_metrics[name], name

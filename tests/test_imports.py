@@ -21,6 +21,10 @@ FORBIDDEN = {
     # The package: its datamodules (which need Lightning) load on first access.
     "sta_lightning.data": HEAVY,
     "sta_lightning.data.coco_index": HEAVY,
+    # The dataset formats and the converter read files only.
+    "sta_lightning.data.yolo_format": HEAVY,
+    "sta_lightning.data.voc_format": HEAVY,
+    "sta_lightning.convert": HEAVY,
     # The training augmentation is built on albumentations.
     "sta_lightning.data.dataset": (*LIGHTNING, "wandb", "faster_coco_eval"),
 }

@@ -1,8 +1,8 @@
 """sta_lightning.data: detection data, from annotation files to batches.
 
 Parsing, image checks, the scan cache, datasets and transforms import without Lightning. The datamodules
-(``COCODataModule``, ``DemoDataModule``, ``YOLODataModule``) import Lightning, so they load on first access
-(PEP 562).
+(``COCODataModule``, ``DemoDataModule``, ``YOLODataModule``, ``VOCDataModule``) import Lightning, so they
+load on first access (PEP 562).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from sta_lightning.data.config import AugmentConfig, LoaderConfig, PredictSource
 from sta_lightning.data.errors import AnnotationError, DataWarning
 
 if TYPE_CHECKING:
-    from sta_lightning.data.datamodule import COCODataModule, DemoDataModule, YOLODataModule
+    from sta_lightning.data.datamodule import COCODataModule, DemoDataModule, VOCDataModule, YOLODataModule
 
-_DATAMODULES = ("COCODataModule", "DemoDataModule", "YOLODataModule")
+_DATAMODULES = ("COCODataModule", "DemoDataModule", "VOCDataModule", "YOLODataModule")
 __all__ = [
     "AnnotationError",
     "AugmentConfig",
@@ -26,6 +26,7 @@ __all__ = [
     "LoaderConfig",
     "PredictSource",
     "Split",
+    "VOCDataModule",
     "YOLODataModule",
 ]
 

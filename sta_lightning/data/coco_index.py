@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sta_lightning.data.coco_json import read_instances
+from sta_lightning.data.coco_json import read_instances, warn_box_fixes
 from sta_lightning.data.errors import EXAMPLES_SHOWN, warn_data
 from sta_lightning.data.exif import annotation_frame_is_exif_oriented
 from sta_lightning.data.image_scan import scan_images
@@ -81,13 +81,7 @@ class COCOIndex:
                 f"are missing, unreadable or corrupt and are left out of training and evaluation; "
                 f"evaluation covers the remaining {len(self)} images. First: {examples}"
             )
-        if self.dropped_boxes or self.clipped_boxes:
-            examples = "; ".join((self.dropped_boxes + self.clipped_boxes)[:EXAMPLES_SHOWN])
-            warn_data(
-                f"{name}: {len(self.dropped_boxes)} boxes with non-positive or non-finite sides or "
-                f"wholly outside their image were dropped and {len(self.clipped_boxes)} boxes reaching "
-                f"outside their image were clipped to it. First: {examples}"
-            )
+        warn_box_fixes(name, self.dropped_boxes, self.clipped_boxes)
 
 
 def load_coco_index(annotation_file: str | Path, image_dir: str | Path, scan_workers: int = 8) -> COCOIndex:

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sta_lightning.data.errors import AnnotationError
+from sta_lightning.data.errors import EXAMPLES_SHOWN, AnnotationError, warn_data
 
 CLIP_TOLERANCE_PX = 1.0  # COCO boxes overrun their image by float rounding; only larger overruns are reported
 
@@ -106,6 +106,16 @@ def clip_to_image(bbox: list[float], width: int, height: int) -> tuple[float, fl
     x, y, w, h = (float(v) for v in bbox)
     x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))
     return None if x2 <= x1 or y2 <= y1 else (x1, y1, x2, y2)
+
+
+def warn_box_fixes(name: str, dropped: list[str], clipped: list[str]) -> None:
+    """One DataWarning for the boxes of annotation file ``name`` that were dropped or clipped, if any."""
+    if dropped or clipped:
+        warn_data(
+            f"{name}: {len(dropped)} boxes with non-positive or non-finite sides or wholly outside their "
+            f"image were dropped and {len(clipped)} boxes reaching outside their image were clipped to it. "
+            f"First: {'; '.join((dropped + clipped)[:EXAMPLES_SHOWN])}"
+        )
 
 
 def read_instances(annotation_file: Path) -> COCOInstances:

@@ -13,10 +13,7 @@ last ``close_mosaic`` epochs) into shared memory that the workers read for every
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from sta_lightning.classes import Classes
-from sta_lightning.data import yolo_format
+from sta_lightning.data import voc_format, yolo_format
 from sta_lightning.data.coco_index import load_coco_index
 from sta_lightning.data.coco_json import read_categories
 from sta_lightning.data.config import (
@@ -47,7 +44,6 @@ from sta_lightning.data.dataset import (
     list_image_files,
 )
 from sta_lightning.data.errors import EXAMPLES_SHOWN, DataWarning, warn_data
-from sta_lightning.data.index_cache import cache_dir
 from sta_lightning.data.transforms import TrainAugmentation
 from sta_lightning.models.yolo import check_image_size
 
@@ -73,7 +69,8 @@ class COCODataModule(L.LightningDataModule):
     Args (one config group each, documented on their classes in ``sta_lightning.data.config``):
         train, val: ``Split`` (images folder, annotation json); ``fit`` needs train, ``validate`` val.
         test: ``Split``; ``test`` evaluates the val split when it is not given.
-        predict: ``PredictSource``: images (file, folder or list), optionally with an annotation json.
+        predict: ``PredictSource``: images (file, folder or list), optionally with an annotation json; None:
+            ``predict`` reads the test (else val) split, its images carrying their ids.
         image_size: input size S (square, a multiple of 32). None: 640, or with ``--ckpt_path`` the size the
             checkpoint was trained at (the CLI fills it in).
         loader: ``LoaderConfig``: batch size, workers, pinned memory, persistent workers.
@@ -204,13 +201,17 @@ class COCODataModule(L.LightningDataModule):
                 self.datasets["predict"] = self._predict_images()
 
     def _predict_images(self) -> ImageFolderDataset:
-        if self.predict is None:
+        """The images of ``predict``; without it, those of the test (else val) split with its ids."""
+        test = self.splits["test"]
+        source = self.predict or (PredictSource(test.images, test.annotations) if test else None)
+        if source is None:
             raise ValueError(
-                "'predict' needs data.predict.images: an image file, a folder or a list of files"
+                "'predict' needs data.predict.images (an image file, a folder or a list of files) or a test "
+                "or val split"
             )
-        if self.predict.annotations:
-            return self._annotated_predict_images()
-        paths, bad = list_image_files(self.predict.images)
+        if source.annotations:
+            return self._annotated_predict_images(source)
+        paths, bad = list_image_files(source.images)
         if bad:
             examples = ", ".join(f"{path} ({reason})" for path, reason in bad[:EXAMPLES_SHOWN])
             warn_data(
@@ -218,13 +219,13 @@ class COCODataModule(L.LightningDataModule):
                 f"and are skipped. First: {examples}"
             )
         if not paths:
-            raise ValueError(f"no readable image to predict in {self.predict.images}")
+            raise ValueError(f"no readable image to predict in {source.images}")
         return ImageFolderDataset(paths, self.image_size)
 
-    def _annotated_predict_images(self) -> ImageFolderDataset:
+    def _annotated_predict_images(self, source: PredictSource) -> ImageFolderDataset:
         """The images of ``predict.annotations`` found in the ``predict.images`` folder, with their ids and
         frames (the scan warns about, and leaves out, missing or unreadable ones)."""
-        images, annotations = self.predict.images, self.predict.annotations
+        images, annotations = source.images, source.annotations
         if not isinstance(images, str | os.PathLike):
             raise ValueError(
                 f"with predict.annotations, predict.images must be the folder of its images, got {images!r}"
@@ -359,9 +360,6 @@ class DemoDataModule(COCODataModule):
         super().prepare_data()
 
 
-_YOLO_JSON_FORMAT = 1  # the version of the converted json (part of its cache key)
-
-
 class YOLODataModule(COCODataModule):
     """A YOLO-format dataset (``data.yaml``, images and ``labels/*.txt``), read as the reference reads it
     (``sta_lightning.data.yolo_format``).
@@ -371,9 +369,9 @@ class YOLODataModule(COCODataModule):
         predict, image_size, loader, augment: as for COCODataModule.
 
     At construction each split is converted to a COCO instances json (category ids 0..K-1, the class
-    indices) under ``cache_dir() / "yolo"``, keyed by the YAML and the split's image and label files; the
-    conversion's skips are reported once, when it is written. Loading, augmentation and evaluation are then
-    COCODataModule's.
+    indices; ``yolo_format.cached_coco_json``); the conversion's skips are reported once, when it is
+    written. Loading, augmentation and evaluation are then COCODataModule's; ``predict`` without
+    ``predict`` images reads the test (else val) split with its ids.
     """
 
     def __init__(
@@ -385,29 +383,45 @@ class YOLODataModule(COCODataModule):
         augment: AugmentConfig = AugmentConfig(),
     ) -> None:
         dataset = yolo_format.read_data_yaml(data_yaml)
-        splits = {
-            name: Split(str(dataset.root), str(self._converted(dataset, name))) for name in dataset.splits
-        }
+        with data_warnings_on_rank_zero():
+            annotations = {name: yolo_format.cached_coco_json(dataset, name) for name in dataset.splits}
+        splits = {name: Split(str(dataset.root), str(path)) for name, path in annotations.items()}
         super().__init__(**splits, predict=predict, image_size=image_size, loader=loader, augment=augment)
 
-    @staticmethod
-    def _converted(dataset: yolo_format.YOLODataset, split: str) -> Path:
-        """The COCO json of ``split``, written when no json of the same input files is cached."""
 
-        def mtime(path: Path) -> int:
-            return path.stat().st_mtime_ns if path.exists() else -1
+class VOCDataModule(COCODataModule):
+    """A Pascal VOC dataset (``Annotations/``, ``ImageSets/Main/``, ``JPEGImages/``), read by
+    ``sta_lightning.data.voc_format``: difficult objects are crowd regions (ignored by evaluation).
 
-        images = dataset.splits[split]
-        key = [_YOLO_JSON_FORMAT, str(dataset.yaml_file), mtime(dataset.yaml_file), split]
-        key += [[str(p), mtime(p), mtime(yolo_format.label_path(p))] for p in images]
-        digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:20]
-        target = cache_dir() / "yolo" / f"{dataset.yaml_file.stem}-{split}-{digest}.json"
-        if target.is_file():
-            return target
+    Args:
+        root: the VOC root (for example ``VOCdevkit/VOC2007``).
+        train_set, val_set, test_set: the image sets (``ImageSets/Main/<set>.txt``) of the splits; VOC2007:
+            trainval and test; VOC2012: train and val. None: no such split.
+        names: the class names in index order; None: the 20 VOC classes when every object is one of them,
+            else the names found, sorted.
+        predict, image_size, loader, augment: as for COCODataModule.
+
+    At construction each image set is converted to a COCO instances json (category ids 0..K-1;
+    ``voc_format.cached_coco_json``); loading, augmentation and evaluation are then COCODataModule's.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_set: str | None = "train",
+        val_set: str | None = "val",
+        test_set: str | None = None,
+        names: list[str] | None = None,
+        predict: PredictSource | None = None,
+        image_size: int | None = None,
+        loader: LoaderConfig = LoaderConfig(),
+        augment: AugmentConfig = AugmentConfig(),
+    ) -> None:
+        roles = {"train": train_set, "val": val_set, "test": test_set}
+        chosen = [name for name in dict.fromkeys(roles.values()) if name]
+        dataset = voc_format.read_voc(root, chosen, names)
         with data_warnings_on_rank_zero():
-            document = yolo_format.to_coco(dataset, split)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=target.parent, suffix=".tmp", delete=False) as f:
-            json.dump(document, f)
-        os.replace(f.name, target)
-        return target
+            annotations = {name: voc_format.cached_coco_json(dataset, name) for name in chosen}
+        image_dir = str(dataset.image_dir)
+        splits = {role: Split(image_dir, str(annotations[name])) for role, name in roles.items() if name}
+        super().__init__(**splits, predict=predict, image_size=image_size, loader=loader, augment=augment)

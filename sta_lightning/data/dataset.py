@@ -17,11 +17,9 @@ from torch.utils.data import Dataset
 
 from sta_lightning.data.coco_index import COCOIndex
 from sta_lightning.data.image_cache import SharedImageCache
-from sta_lightning.data.image_scan import check_image_file
+from sta_lightning.data.image_scan import IMAGE_SUFFIXES, check_image_file
 from sta_lightning.data.transforms import TrainAugmentation
 from sta_lightning.geometry import letterbox, read_image, read_resized, resize_long_side, resized_shape
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def _to_chw_tensor(image: np.ndarray) -> torch.Tensor:

@@ -12,6 +12,7 @@ from rich.progress import track
 
 from sta_lightning.data.exif import stored_and_oriented_sizes
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # image files by name
 PROGRESS_MIN_IMAGES = 5000  # a scan of this many images or more shows a progress bar
 
 

@@ -1,5 +1,6 @@
-"""The scan cache: the arrays of a checked and scanned ``COCOIndex`` in a small ``.npz`` file, so that a
-large dataset starts fast the second time.
+"""The cache folder: the arrays of a checked and scanned ``COCOIndex`` in a small ``.npz`` file, so that a
+large dataset starts fast the second time, and other derived files (``keyed_cache_file``, written with
+``write_atomically``; ``cached_json``: the COCO json of a YOLO or Pascal VOC split).
 
 Files live under ``$STA_LIGHTNING_CACHE_DIR`` (default ``~/.cache/sta_lightning``; data folders may be
 read-only), keyed by the annotation file's path, mtime and size and the image folder's path and mtime.
@@ -13,7 +14,9 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -28,31 +31,57 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "sta_lightning")
 
 
+def keyed_cache_file(kind: str, stem: str, key: list, suffix: str) -> Path:
+    """``cache_dir() / kind / <stem>-<digest><suffix>``, the digest naming ``key`` (JSON-able: the inputs'
+    paths and modification times) and the cache format."""
+    digest = hashlib.sha1(json.dumps([_CACHE_FORMAT, *key]).encode()).hexdigest()[:20]
+    return cache_dir() / kind / f"{stem}-{digest}{suffix}"
+
+
 def cache_file_for(annotation_file: Path, image_dir: Path) -> Path:
-    """The cache file of an annotation file and image folder, named by their paths and modification."""
+    """The scan cache of an annotation file and image folder, named by their paths and modification."""
     annotation_stat, dir_stat = annotation_file.stat(), image_dir.stat()
-    key = json.dumps(
-        [
-            _CACHE_FORMAT,
-            str(annotation_file),
-            annotation_stat.st_mtime_ns,
-            annotation_stat.st_size,
-            str(image_dir),
-            dir_stat.st_mtime_ns,
-        ]
-    )
-    digest = hashlib.sha1(key.encode()).hexdigest()[:20]
-    return cache_dir() / "coco_index" / f"{annotation_file.stem}-{digest}.npz"
+    key = [str(annotation_file), annotation_stat.st_mtime_ns, annotation_stat.st_size]
+    key += [str(image_dir), dir_stat.st_mtime_ns]
+    return keyed_cache_file("coco_index", annotation_file.stem, key, ".npz")
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Run ``write`` on a temporary file beside ``path``, then rename it to ``path``: readers (other ranks,
+    other runs) see the whole file or none. The temporary file is removed if ``write`` fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as file:
+        try:
+            write(file)
+        except BaseException:
+            file.close()
+            os.unlink(file.name)
+            raise
+    os.replace(file.name, path)
+
+
+def modification_key(paths: list[Path]) -> list:
+    """A cache key part per path: [path, modification time in ns] (-1 for a missing file)."""
+    return [[str(path), path.stat().st_mtime_ns if path.exists() else -1] for path in paths]
+
+
+def cached_json(kind: str, stem: str, key: list, build: Callable[[], dict]) -> Path:
+    """The file ``cache_dir() / kind / <stem>-<digest>.json`` holding ``build()``, the digest naming ``key``;
+    ``build`` runs only when no such file is cached."""
+    target = keyed_cache_file(kind, stem, key, ".json")
+    if not target.is_file():
+        document = json.dumps(build()).encode()
+        write_atomically(target, lambda file: file.write(document))
+    return target
 
 
 def write_cache(cache_file: Path, arrays: dict[str, np.ndarray], report: dict) -> None:
     """Store ``arrays`` and a JSON-able ``report``. Best effort: an unwritable cache folder only costs the
     scan next time."""
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cache_file.parent, suffix=".tmp", delete=False) as f:
-            np.savez(f, report=np.asarray(json.dumps(report)), **arrays)
-        os.replace(f.name, cache_file)
+        write_atomically(
+            cache_file, lambda file: np.savez(file, report=np.asarray(json.dumps(report)), **arrays)
+        )
     except OSError as error:
         log.info("could not write the dataset cache %s: %s", cache_file, error)
 

@@ -32,6 +32,7 @@ EXIF rotation is read as by the reference; a 180 degree rotation or a mirror is 
 from __future__ import annotations
 
 import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +41,11 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from sta_lightning.data.dataset import IMAGE_SUFFIXES
+from sta_lightning.data.coco_json import read_instances, warn_box_fixes
 from sta_lightning.data.errors import EXAMPLES_SHOWN, AnnotationError, warn_data
 from sta_lightning.data.exif import stored_and_oriented_sizes
+from sta_lightning.data.image_scan import IMAGE_SUFFIXES
+from sta_lightning.data.index_cache import cached_json, modification_key
 
 SPLITS = ("train", "val", "test")
 
@@ -250,3 +253,104 @@ def to_coco(dataset: YOLODataset, split: str) -> dict:
         )
     categories = [{"id": k, "name": name} for k, name in enumerate(dataset.names)]
     return {"images": images, "annotations": annotations, "categories": categories}
+
+
+_COCO_JSON_FORMAT = 1  # the version of the converted json (part of its cache key)
+
+
+def cached_coco_json(dataset: YOLODataset, split: str) -> Path:
+    """The COCO instances json of ``split`` (``to_coco``) in the cache folder, keyed by the YAML and the
+    split's image and label files (paths and modification times); converted only when none is cached."""
+
+    images = dataset.splits[split]
+    key = [_COCO_JSON_FORMAT, split, *modification_key([dataset.yaml_file, *images])]
+    key += modification_key([label_path(image) for image in images])
+    return cached_json("yolo", f"{dataset.yaml_file.stem}-{split}", key, lambda: to_coco(dataset, split))
+
+
+@dataclass
+class WrittenSplit:
+    """What ``write_split`` wrote: the split's key in data.yaml, its image and box counts, and the crowd
+    regions left out (YOLO labels have none)."""
+
+    split: str
+    images: int
+    boxes: int
+    crowd_left_out: int
+
+
+def _checked_names(data_yaml: Path, names: list[str]) -> dict:
+    """The data.yaml content to extend: the existing file's (whose names must equal ``names``), or new."""
+    if not data_yaml.is_file():
+        return {"path": "."}
+    existing = yaml.safe_load(data_yaml.read_text(encoding="utf-8")) or {}
+    if _names(data_yaml, existing.get("names")) != names:
+        raise AnnotationError(
+            f"{data_yaml}: its names {existing.get('names')} differ from the converted split's {names}; "
+            "write into another folder"
+        )
+    return existing
+
+
+def _place_image(source: Path, target: Path, copy: bool) -> None:
+    """``target`` as a copy of ``source``, or a symbolic link to it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink() or target.exists():
+        target.unlink()
+    if copy:
+        shutil.copy2(source, target)
+    else:
+        target.symlink_to(source.resolve())
+
+
+def write_split(
+    annotation_file: str | Path, image_dir: str | Path, output: str | Path, split: str, copy: bool = False
+) -> WrittenSplit:
+    """Write one COCO split as a YOLO dataset under ``output``: ``images/<split>/<file_name>`` (links to the
+    images, or copies), ``labels/<split>/<name>.txt`` (one ``class cx cy w h`` line per object, normalised
+    by the image's width and height, full float precision) and ``data.yaml`` (``path: .``, the split, and
+    ``names``; a data.yaml already there gets the split added when its names agree).
+
+    The json is read by the COCO reader of training (``read_instances``): class k is the k-th category id in
+    ascending order, boxes are clipped to their image (and degenerate ones dropped, with the training's
+    warning), crowd regions are left out (counted in the result).
+    Images that are missing, unreadable, or EXIF-rotated by 90 / 270 degrees while their annotation is in
+    stored pixels (YOLO labels are normalised in the rotated view) are left out with one ``DataWarning``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)} (a data.yaml key), got {split!r}")
+    annotation_file, image_dir, output = Path(annotation_file), Path(image_dir), Path(output)
+    instances = read_instances(annotation_file)
+    warn_box_fixes(annotation_file.name, instances.dropped_boxes, instances.clipped_boxes)
+    names = list(instances.class_names)
+    data_yaml = output / "data.yaml"
+    content = _checked_names(data_yaml, names)
+    skipped: list[str] = []
+    boxes = 0
+    for image_id, (file_name, height, width) in instances.images.items():
+        source = image_dir / file_name
+        if _oriented_size(source) != (width, height):
+            why = "missing or unreadable" if _oriented_size(source) is None else "EXIF-rotated"
+            skipped.append(f"{source} ({why})")
+            continue
+        relative = Path(file_name).name if Path(file_name).is_absolute() else file_name
+        target = output / "images" / split / relative
+        _place_image(source, target, copy)
+        lines = []
+        for x1, y1, x2, y2, k in instances.boxes_of[image_id]:
+            values = ((x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height)
+            lines.append(" ".join([str(k), *(repr(float(v)) for v in values)]))
+        label = label_path(target)
+        label.parent.mkdir(parents=True, exist_ok=True)
+        label.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        boxes += len(lines)
+    if skipped:
+        warn_data(
+            f"{annotation_file}: {len(skipped)} of {len(instances.images)} images left out of the YOLO "
+            f"split '{split}'. First: {', '.join(skipped[:EXAMPLES_SHOWN])}"
+        )
+    content[split] = f"images/{split}"
+    content["names"] = dict(enumerate(names))
+    data_yaml.parent.mkdir(parents=True, exist_ok=True)
+    data_yaml.write_text(yaml.safe_dump(content, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    written = len(instances.images) - len(skipped)
+    return WrittenSplit(split, written, boxes, instances.num_crowd)
