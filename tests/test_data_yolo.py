@@ -23,7 +23,7 @@ from sta_lightning.data import (
 )
 from sta_lightning.data.demo import annotation_path, generate_demo_dataset
 from sta_lightning.data.index_cache import CACHE_DIR_ENV
-from sta_lightning.data.yolo_format import label_path, read_data_yaml, read_labels, to_coco
+from sta_lightning.data.yolo_format import label_path, read_data_yaml, read_labels, to_coco, write_split
 
 NAMES = ["a", "b", "c"]
 
@@ -118,6 +118,12 @@ def test_data_yaml_paths_lists_and_names(tmp_path):
     assert label_path(Path("/d/images/x/images/y.png")) == Path("/d/images/x/labels/y.txt")
     # No 'path': the YAML's folder.
     assert read_data_yaml(write_yaml(root / "d2.yaml", "val: images/a\nnames: [x]\n")).root == root.resolve()
+    # As the reference: './' lines are relative to the list's folder; 'nc' alone names the classes;
+    # 'validation' is 'val'.
+    d = write_image(root / "lists" / "x" / "4.jpg")
+    (root / "lists" / "v.txt").write_text("./x/4.jpg\n")
+    dataset = read_data_yaml(write_yaml(root / "d3.yaml", "validation: lists/v.txt\nnc: 2\n"))
+    assert dataset.splits == {"val": [d.resolve()]} and dataset.names == ["class_0", "class_1"]
 
 
 @pytest.mark.parametrize(
@@ -156,6 +162,10 @@ LABELS = {
     "negative_class": ("-1 0.5 0.5 0.25 0.5\n", False),
     "beyond": ("0 0.5 0.5 1.25 0.5\n", False),
     "negative": ("0 0.5 -0.1 0.25 0.5\n", False),
+    # The reference's edge cases: float32 rounding, a 1-point polygon, 3 fields outside a polygon file.
+    "rounding": ("0 0.5 0.5 1.00000004 0.5\n0 0.5 0.5 0.25 0.5\n0 0.50000001 0.5 0.25 0.5\n", True),
+    "point": ("1 0.1 0.2 0.5 0.2 0.3 0.6\n0 0.5 0.5\n", True),
+    "three": ("0 0.5 0.5\n", False),
 }
 
 
@@ -164,6 +174,9 @@ def labelled_dataset(root: Path) -> Path:
         label_path(write_image(root / "images" / f"{name}.jpg")).parent.mkdir(parents=True, exist_ok=True)
         label_path(root / "images" / f"{name}.jpg").write_text(content)
     write_image(root / "images" / "missing.jpg")  # no label file: no objects
+    label_path(write_image(root / "images" / "tiny.jpg", 9, 30)).write_text("0 0.5 0.5 0.5 0.5\n")  # dropped
+    write_image(root / "images" / ".hidden" / "h.jpg")  # not listed, as the reference's glob skips it
+    write_image(root / "images" / "._h.jpg")
     return write_yaml(root / "data.yaml", f"train: images\nval: images\nnames: {NAMES}\n")
 
 
@@ -173,10 +186,11 @@ def test_labels_kept_and_dropped_with_one_summary_warning(tmp_path):
         document = to_coco(dataset, "val")
     assert len(record) == 1
     message = str(record[0].message)
-    assert "6 of 11 images dropped and 1 label lines removed" in message
+    assert "8 of 15 images dropped and 3 label lines removed" in message
+    assert "1 image under 10 px" in message and "1 zero-size box" in message and "2 duplicate line" in message
     assert f"{tmp_path / 'labels' / 'beyond.txt'}:1" in message  # sorted first of the dropped images
     assert f"{tmp_path / 'labels' / 'class.txt'}:1: class 3 outside 0..2" in message
-    assert "1 duplicate line" in message and "1 wrong field count" in message and "1 non-number" in message
+    assert "2 wrong field count" in message and "1 non-number" in message
     kept = {image["file_name"]: image["id"] for image in document["images"]}
     assert sorted(kept) == sorted(
         [f"images/{n}.jpg" for n, (_, ok) in LABELS.items() if ok] + ["images/missing.jpg"]
@@ -223,24 +237,42 @@ def test_exif_rotated_images_are_read_in_their_oriented_frame(tmp_path):
 def test_reference_reads_the_same_labels(tmp_path, monkeypatch):
     monkeypatch.setenv("YOLO_OFFLINE", "1")
     monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "ultralytics"))
-    reference = pytest.importorskip("ultralytics.data.dataset")
-    root = tmp_path / "set"
-    dataset = read_data_yaml(labelled_dataset(root))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DataWarning)
-        document = to_coco(dataset, "val")
-    theirs = reference.YOLODataset(
-        img_path=str(root / "images"), data={"names": dict(enumerate(NAMES)), "nc": 3}, task="detect"
-    ).labels
+    pytest.importorskip("ultralytics.data.dataset")
     # 8.2's check is `max_cls <= num_cls`: it keeps class K of K classes (then an out-of-range target);
     # we drop that image.
-    theirs = [label for label in theirs if Path(label["im_file"]).name != "class.jpg"]
+    assert_reference_reads_the_same(labelled_dataset(tmp_path / "set"), "val", skip=("class.jpg",))
+
+
+def test_reference_reads_the_same_labels_of_real_images(shared_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "ultralytics"))
+    pytest.importorskip("ultralytics.data.dataset")
+    coco128 = shared_data / "coco128"
+    annotations = coco128 / "annotations" / "instances_train2017.json"
+    write_split(annotations, coco128 / "train2017", tmp_path / "yolo", "train", copy=True)
+    assert_reference_reads_the_same(tmp_path / "yolo" / "data.yaml", "train")
+
+
+def assert_reference_reads_the_same(data_yaml: Path, split: str, skip: tuple[str, ...] = ()) -> None:
+    """The images we keep of a split and their boxes are those ultralytics reads (but the images ``skip``
+    and the zero-size boxes we leave out)."""
+    from ultralytics.data.dataset import YOLODataset as ReferenceDataset
+
+    dataset = read_data_yaml(data_yaml)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        document = to_coco(dataset, split)
+    names = dict(enumerate(dataset.names))
+    images = str(dataset.splits[split][0].parent)
+    theirs = ReferenceDataset(img_path=images, data={"names": names, "nc": len(names)}, task="detect").labels
+    theirs = [label for label in theirs if Path(label["im_file"]).name not in skip]
     assert sorted(Path(label["im_file"]).name for label in theirs) == sorted(
         Path(image["file_name"]).name for image in document["images"]
     )
     for label in theirs:
-        ours = read_labels(label_path(Path(label["im_file"])), len(NAMES))
+        ours = read_labels(label_path(Path(label["im_file"])), len(names))
         expected = np.concatenate([label["cls"], label["bboxes"]], axis=1)
+        expected = expected[(expected[:, 3] > 0) & (expected[:, 4] > 0)]  # we leave zero-size boxes out
         np.testing.assert_allclose(
             sorted(ours.boxes.tolist()), sorted(expected.tolist()), atol=1e-6, err_msg=label["im_file"]
         )

@@ -2,25 +2,31 @@
 (Ultralytics YOLOv8) reads them, and converted to COCO instances dicts for ``COCODataModule``.
 
 data.yaml: ``path`` (absolute, or relative to the YAML's folder; missing: the YAML's folder); ``train``,
-``val``, ``test``: each a folder of images (searched recursively), a ``.txt`` file of image paths (absolute,
-or relative to ``path``) or a list of those; ``names``: a list, or a dict {index: name} with indices 0..K-1;
-``nc``, if given, must equal the number of names. The label file of an image is its path with the last
-``/images/`` replaced by ``/labels/`` and the suffix by ``.txt``.
+``val`` (or ``validation``), ``test``: each a folder of images (searched recursively, hidden files and
+folders left out as the reference's glob does), a ``.txt`` file of image paths (absolute; ``./x`` relative
+to the .txt's folder, as the reference reads it; other relative paths relative to ``path``) or a list of
+those; ``names``: a list, or a dict {index: name} with indices 0..K-1; ``nc``, if given, must equal the
+number of names; ``nc`` alone names the classes class_0, class_1, ... as the reference does. The label
+file of an image is its path with the last ``/images/`` replaced by ``/labels/`` and the suffix by ``.txt``.
 
 Label lines are ``class cx cy w h`` (normalised) or polygons ``class x1 y1 x2 y2 ...`` (at least 3 points),
 whose box is the min / max of the points. As in the reference's ``verify_image_label``:
 
 - a missing or empty label file: an image without objects;
+- once a line of a file has more than 6 fields, its lines with an odd field count are polygons (a 3-field
+  line is a 1-point polygon, so a zero-size box); otherwise only 5-field lines are valid;
 - a line with another field count, a non-number, a class outside 0..K-1, or a box whose normalised
-  cx, cy, w, h are not all in [0, 1]: the whole image is dropped (left out of the json);
-- duplicate lines: removed, the image kept (the first occurrence is kept, in file order; the reference
-  reorders the rows).
+  cx, cy, w, h are not all in [0, 1] (checked in float32, as the reference's rows are, so 1.00000004
+  passes): the whole image is dropped (left out of the json);
+- duplicate boxes (equal float32 rows class, cx, cy, w, h, polygons by their box): removed, the image
+  kept (the first occurrence is kept, in file order; the reference reorders the rows);
+- images with a side under 10 pixels are dropped.
 
-Where this differs from the reference (YOLOv8 8.2), deliberately: each line is read by its own field
-count (the reference reads every line of a file as a polygon once one line is, turning 5-field lines into
-2-point polygons); a class index equal to the number of classes drops the image (the reference checks
-``max_cls <= num_cls`` and keeps it); boxes with zero width or height are left out with a note (the
-reference keeps them as ground truth that no prediction can match). Boxes that pass the check but overrun
+Where this differs from the reference (YOLOv8 8.2), deliberately: a 5-field line is a box in every file (the
+reference reads it as a 2-point polygon in a file with polygons); a class index equal to the number of
+classes, or not an integer, drops the image (the reference checks ``max_cls <= num_cls`` and keeps it);
+boxes with zero width or height are left out with a note (the reference keeps them as ground truth that no
+prediction can match); an image listed twice in a split is read once. Boxes that pass the check but overrun
 the image (cx + w / 2 > 1) are clipped by the COCO reader, as the reference clips them in training.
 
 Image sizes are those of the EXIF-oriented view, the frame the reference normalises in, so a 90 / 270 degree
@@ -48,6 +54,7 @@ from sta_lightning.data.image_scan import IMAGE_SUFFIXES
 from sta_lightning.data.index_cache import cached_json, modification_key
 
 SPLITS = ("train", "val", "test")
+MIN_SIDE = 10  # pixels: images with a smaller side are dropped, as the reference drops them
 
 
 @dataclass
@@ -94,13 +101,20 @@ def _split_images(yaml_file: Path, root: Path, key: str, value: object) -> list[
         path = Path(str(item))
         path = path if path.is_absolute() else root / path
         if path.is_dir():
-            files.extend(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            files.extend(
+                p
+                for p in path.rglob("*")
+                if p.suffix.lower() in IMAGE_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                and p.is_file()
+            )
         elif path.is_file() and path.suffix == ".txt":
             for line in path.read_text(encoding="utf-8").splitlines():
                 line = line.strip()
-                if line:
-                    image = Path(line[2:] if line.startswith("./") else line)
-                    files.append(image if image.is_absolute() else root / image)
+                if line.startswith("./"):
+                    files.append(path.parent / line[2:])
+                elif line:
+                    files.append(Path(line) if Path(line).is_absolute() else root / line)
         elif path.exists():
             raise AnnotationError(f"{yaml_file}: key '{key}': {path} is neither a folder nor a .txt list")
         else:
@@ -119,8 +133,12 @@ def read_data_yaml(path: str | Path) -> YOLODataset:
         raise AnnotationError(f"{yaml_file}: not valid YAML ({error})") from error
     if not isinstance(data, dict):
         raise AnnotationError(f"{yaml_file}: expected a mapping with 'names' and 'train' / 'val'")
+    if "names" not in data and isinstance(data.get("nc"), int) and data["nc"] > 0:
+        data["names"] = [f"class_{i}" for i in range(data["nc"])]
     if "names" not in data:
-        raise AnnotationError(f"{yaml_file}: missing the key 'names'")
+        raise AnnotationError(f"{yaml_file}: missing the key 'names' (or 'nc')")
+    if "val" not in data and "validation" in data:
+        data["val"] = data.pop("validation")
     names = _names(yaml_file, data["names"])
     if "nc" in data and data["nc"] != len(names):
         raise AnnotationError(f"{yaml_file}: key 'nc' is {data['nc']!r} but 'names' has {len(names)} names")
@@ -154,33 +172,37 @@ def read_labels(label_file: Path, num_classes: int) -> Labels:
     polygons: list[np.ndarray | None] = []
     seen: dict[tuple, int] = {}
     notes: list[tuple[str, str]] = []
-    for number, line in enumerate(label_file.read_text(encoding="utf-8").splitlines(), start=1):
+    lines = [
+        (number, line.split())
+        for number, line in enumerate(label_file.read_text(encoding="utf-8").splitlines(), 1)
+    ]
+    lines = [(number, fields) for number, fields in lines if fields]
+    polygon_file = any(len(fields) > 6 for _, fields in lines)  # the reference's switch to polygons
+    for number, fields in lines:
         where = f"{label_file}:{number}"
-        fields = line.split()
-        if not fields:
-            continue
         try:
             values = np.array([float(v) for v in fields])
         except ValueError:
-            return _dropped("non-number", where, f"not a number in {line.strip()!r:.60}")
+            return _dropped("non-number", where, f"not a number in {' '.join(fields)!r:.60}")
         polygon = None
-        if len(values) >= 7 and len(values) % 2 == 1:
+        if len(values) == 5:
+            row = values
+        elif polygon_file and len(values) >= 3 and len(values) % 2 == 1:
             polygon = values[1:].reshape(-1, 2)
             (x1, y1), (x2, y2) = polygon.min(axis=0), polygon.max(axis=0)
             row = np.array([values[0], (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1])
-        elif len(values) == 5:
-            row = values
         else:
             return _dropped(
                 "wrong field count", where, f"{len(values)} fields (5: a box; 7, 9, ...: a polygon)"
             )
-        if not np.isfinite(row).all() or (row < 0).any():
+        checked = row.astype(np.float32)  # the reference checks its float32 rows
+        if not np.isfinite(checked).all() or (checked < 0).any():
             return _dropped("negative value", where, "negative or non-finite values")
         if row[0] != int(row[0]) or row[0] >= num_classes:
             return _dropped("class out of range", where, f"class {fields[0]} outside 0..{num_classes - 1}")
-        if (row[1:] > 1).any():
+        if (checked[1:] > 1).any():
             return _dropped("coordinates beyond 1", where, f"box {row[1:].tolist()} not normalised to [0, 1]")
-        key = tuple(values)
+        key = tuple(checked.tolist())
         if key in seen:
             notes.append(("duplicate line", f"{where}: duplicate of line {seen[key]} removed"))
             continue
@@ -213,9 +235,10 @@ def to_coco(dataset: YOLODataset, split: str) -> dict:
     kinds: Counter[str] = Counter()
     for image in dataset.splits[split]:
         size = _oriented_size(image)
-        if size is None:
-            dropped.append(f"{image}: unreadable image")
-            kinds["unreadable image"] += 1
+        fault = "unreadable image" if size is None else "image under 10 px" if min(size) < MIN_SIDE else None
+        if fault:
+            dropped.append(f"{image}: {fault}")
+            kinds[fault] += 1
             continue
         labels = read_labels(label_path(image), len(dataset.names))
         if labels.dropped:
