@@ -2,7 +2,6 @@
 path for the same data, a CLI fit, and (with ultralytics importable) the reference's labels."""
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 
@@ -46,26 +45,11 @@ def write_yaml(path: Path, text: str) -> Path:
 
 
 def demo_as_yolo(demo: Path, root: Path) -> Path:
-    """The demo dataset's train and val splits in YOLO layout under ``root`` (crowd regions left out)."""
+    """The demo dataset's train and val splits in YOLO layout under ``root`` (``convert``'s writer; crowd
+    regions left out)."""
     for split in ("train", "val"):
-        document = json.loads(annotation_path(demo, split).read_text())
-        category_ids = sorted(c["id"] for c in document["categories"])
-        for image in document["images"]:
-            target = root / "images" / split / image["file_name"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(demo / split / image["file_name"], target)
-            lines = []
-            for a in document["annotations"]:
-                if a["image_id"] == image["id"] and not a["iscrowd"]:
-                    x, y, w, h = a["bbox"]
-                    W, H = image["width"], image["height"]
-                    values = [(x + w / 2) / W, (y + h / 2) / H, w / W, h / H]
-                    lines.append(" ".join([str(category_ids.index(a["category_id"])), *map(repr, values)]))
-            label = label_path(target)
-            label.parent.mkdir(parents=True, exist_ok=True)
-            label.write_text("\n".join(lines))
-    names = [c["name"] for c in sorted(document["categories"], key=lambda c: c["id"])]
-    return write_yaml(root / "data.yaml", f"path: .\ntrain: images/train\nval: images/val\nnames: {names}\n")
+        write_split(annotation_path(demo, split), demo / split, root, split, copy=True)
+    return root / "data.yaml"
 
 
 def test_demo_in_yolo_layout_gives_the_samples_of_the_coco_path(tmp_path):
