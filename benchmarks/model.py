@@ -22,19 +22,12 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from sta_lightning.models import DEFAULT_STA, YOLOv8, YOLOv8Loss
+from sta_lightning.models.flops import giga_flops
 
 # l and x take seconds per forward on 2 cores: fewer repeats keep the default run within a few minutes.
 DEFAULT_LATENCY_REPEATS = {"n": 10, "s": 7, "m": 5, "l": 3, "x": 3}
-
-
-def giga_flops(model: torch.nn.Module, size: int) -> float:
-    counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
-        model(torch.zeros(1, 3, size, size))
-    return counter.get_total_flops() / 1e9
 
 
 def interleaved_medians(steps: dict[str, Callable[[], object]], repeats: int, warmup: int = 1):

@@ -1,5 +1,5 @@
 """``python -m sta_lightning``: the LightningCLI (fit / validate / test / predict) and the subcommands of
-their own parsers (export, convert)."""
+their own parsers (export, convert, ablate)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ SUBCOMMANDS = {
     "convert": (
         "sta_lightning.convert",
         "a dataset from one format to another: YOLO data.yaml or Pascal VOC to COCO json, COCO json to YOLO",
+    ),
+    "ablate": (
+        "sta_lightning.ablation.cli",
+        "variants over paired seeds: fits, results.csv and paired confidence intervals",
     ),
 }
 

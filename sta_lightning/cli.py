@@ -37,6 +37,7 @@ from lightning.pytorch.plugins.layer_sync import LayerSync
 from sta_lightning.callbacks.metrics_summary import FinalMetricsSummary
 from sta_lightning.callbacks.prediction_writer import PredictionWriter
 from sta_lightning.callbacks.save_config import WandbSaveConfigCallback
+from sta_lightning.callbacks.throughput import TrainingThroughput
 from sta_lightning.checkpoint_file import CheckpointError, read_checkpoint
 from sta_lightning.classes import Classes
 from sta_lightning.data import COCODataModule
@@ -117,11 +118,12 @@ class STALightningCLI(LightningCLI):
                     logger.init_args["id"] = run_id
 
     def after_instantiate_classes(self) -> None:
-        """Every run gets the final-metrics line; a run with a W&B logger keeps its run id in checkpoints."""
+        """Every run gets the final-metrics line and its training throughput (``train/images_per_second``,
+        kept in checkpoints); a run with a W&B logger keeps its run id in checkpoints."""
         super().after_instantiate_classes()
         if self.trainer is None:
             return
-        self.trainer.callbacks.append(FinalMetricsSummary())
+        self.trainer.callbacks += [FinalMetricsSummary(), TrainingThroughput()]
         if any(isinstance(logger, WandbLogger) for logger in self.trainer.loggers):
             self.trainer.callbacks.append(WandbRunCheckpoint())
 

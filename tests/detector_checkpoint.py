@@ -14,14 +14,16 @@ from sta_lightning.training import DetectionModule
 STA = [{"layer": 8, "stoken_size": [1, 1], "num_heads": 2}]  # the STA block of the scoring detector
 
 
-def write_scoring_checkpoint(path: Path, num_classes: int = 5, image_size: int | None = None) -> Path:
+def write_scoring_checkpoint(
+    path: Path, num_classes: int = 5, image_size: int | None = None, sta: list[dict] | None = STA
+) -> Path:
     """Write at ``path`` the checkpoint of an untrained detector whose boxes and scores vary enough
     to overlap some of the demo shapes: He-initialised convolutions (the stock initialisation outputs little
     more than the head biases), box logits damped and biased towards short side distances (boxes of about 4
     strides). ``image_size``: the training size the checkpoint records (as ``fit`` does); None records none.
-    Returns ``path``."""
+    ``sta``: the detector's STA placements (None: plain). Returns ``path``."""
     torch.manual_seed(0)
-    module = DetectionModule(detector=DetectorConfig(sta=STA), classes=Classes.anonymous(num_classes))
+    module = DetectionModule(detector=DetectorConfig(sta=sta), classes=Classes.anonymous(num_classes))
     with torch.no_grad():
         for layer in module.modules():
             if isinstance(layer, nn.Conv2d) and layer.weight.requires_grad:

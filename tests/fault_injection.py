@@ -133,3 +133,23 @@ class _StallingFile:
         print(STALLED_MARKER, flush=True)
         time.sleep(600)
         return len(data)
+
+
+class KillOnce(KillAt):
+    """``KillAt``, armed while the file ``marker`` does not exist: it creates the file before the kill, so
+    that the resumed fit, and every later one, runs through."""
+
+    def __init__(self, epoch: int, batch: int, marker: str, stage: str = "train") -> None:
+        super().__init__(epoch, batch, stage)
+        self.marker = marker
+
+    def _maybe_kill(self, trainer, stage: str, batch_idx: int) -> None:
+        if os.path.exists(self.marker) or (stage, trainer.current_epoch, batch_idx) != (
+            self.stage,
+            self.epoch,
+            self.batch,
+        ):
+            return
+        if trainer.is_global_zero:
+            open(self.marker, "w").close()
+        super()._maybe_kill(trainer, stage, batch_idx)

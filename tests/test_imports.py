@@ -25,6 +25,8 @@ FORBIDDEN = {
     "sta_lightning.data.yolo_format": HEAVY,
     "sta_lightning.data.voc_format": HEAVY,
     "sta_lightning.convert": HEAVY,
+    # An ablation's plan and statistics: files and numbers (its runs are CLI subprocesses).
+    "sta_lightning.ablation": HEAVY,
     # The training augmentation is built on albumentations.
     "sta_lightning.data.dataset": (*LIGHTNING, "wandb", "faster_coco_eval"),
 }

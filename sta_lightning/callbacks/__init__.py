@@ -8,3 +8,4 @@ from sta_lightning.callbacks.metrics_summary import FinalMetricsSummary  # noqa:
 from sta_lightning.callbacks.prediction_images import PredictionImagesCallback  # noqa: F401
 from sta_lightning.callbacks.prediction_writer import PredictionWriter  # noqa: F401
 from sta_lightning.callbacks.save_config import WandbSaveConfigCallback  # noqa: F401
+from sta_lightning.callbacks.throughput import TrainingThroughput  # noqa: F401
