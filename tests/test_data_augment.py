@@ -52,9 +52,22 @@ def _equal(batches_a: list[dict], batches_b: list[dict]) -> bool:
     )
 
 
-def test_an_epoch_depends_on_the_seed_and_epoch_only_not_on_workers_or_global_state(demo_root, monkeypatch):
-    in_process = _train_data(demo_root, num_workers=0, batch_size=8)
-    two_workers = _train_data(demo_root, num_workers=2, batch_size=8)
+EVERY_OPTION = dict(
+    mixup=0.5,
+    degrees=10.0,
+    shear=5.0,
+    perspective=0.0005,
+    flipud=0.5,
+    albumentations=({"class_path": "albumentations.Blur", "init_args": {"p": 0.5}},),
+)
+
+
+@pytest.mark.parametrize("recipe", [{}, EVERY_OPTION], ids=["default", "every-option"])
+def test_an_epoch_depends_on_the_seed_and_epoch_only_not_on_workers_or_global_state(
+    demo_root, monkeypatch, recipe
+):
+    in_process = _train_data(demo_root, num_workers=0, batch_size=8, **recipe)
+    two_workers = _train_data(demo_root, num_workers=2, batch_size=8, **recipe)
     torch.manual_seed(123)  # torch's global generator plays no part in the data
     epoch0 = _epoch(in_process, 0)
     torch.manual_seed(456)
@@ -71,7 +84,7 @@ def test_an_epoch_depends_on_the_seed_and_epoch_only_not_on_workers_or_global_st
     assert not torch.equal(again, epoch0[0]["images"][0])
 
     monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # what seed_everything(7) sets
-    assert not _equal(_epoch(_train_data(demo_root, num_workers=0, batch_size=8), 0), epoch0)
+    assert not _equal(_epoch(_train_data(demo_root, num_workers=0, batch_size=8, **recipe), 0), epoch0)
 
 
 def test_ranks_share_the_one_process_batches(demo_root):
@@ -118,7 +131,7 @@ def test_close_mosaic_leaves_the_letterboxed_image(demo_root):
         fliplr=0.0,
     )
     dataset = dm.datasets["train"]
-    resized, boxes, _, ratio = dataset.load_resized(0)
+    resized, boxes, _ = dataset.load_resized(0)
     padded, pad = letterbox(resized, 160)
     expected = torch.from_numpy(padded).permute(2, 0, 1)
     dm.set_epoch(6, 10)

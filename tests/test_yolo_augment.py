@@ -94,7 +94,7 @@ def test_object_scale_after_augmentation_follows_the_affine_scale(demo_dataset):
     )
     augmentation.reseed(0)
     single = next(i for i in range(len(demo_dataset)) if len(demo_dataset.index.targets(i)[0]) == 1)
-    image, boxes, labels, _ = demo_dataset.load_resized(single)
+    image, boxes, labels = demo_dataset.load_resized(single)
     width = boxes[0, 2] - boxes[0, 0]
     factors = []
     for _ in range(400):

@@ -58,23 +58,34 @@ class LoaderConfig:
 class AugmentConfig:
     """The training augmentation group (``data.augment``), with the reference's names and defaults.
 
-    mosaic: probability of a 4-image mosaic per training sample; close_mosaic: no mosaic in the last this
-        many epochs.
-    degrees, translate, scale: affine rotation (+-degrees), translation (+-fraction of S) and zoom (factor
-        U[1 - scale, 1 + scale]).
+    mosaic: probability of a 4-image mosaic per training sample; close_mosaic: no mosaic (nor mixup) in the
+        last this many epochs.
+    mixup: probability of blending a sample with a second one (mosaic and affine of its own), ratio from
+        Beta(32, 32), the boxes of both kept.
+    degrees, translate, scale, shear, perspective: the random warp: rotation (+-degrees), translation
+        (+-fraction of S), zoom (factor U[1 - scale, 1 + scale]), shear (+-degrees in x and in y) and
+        perspective (+-this coefficient of the projective row, in 1/pixels: 0.0001 to 0.001 is mild at 640).
     hsv_h, hsv_s, hsv_v: colour gains of hue (fraction of a turn), saturation and value (factor ranges).
-    fliplr: horizontal flip probability.
+    flipud, fliplr: vertical and horizontal flip probabilities.
+    albumentations: pixel-level albumentations transforms applied after the warp and mixup, before the HSV
+        gains, each as ``{class_path: albumentations.Blur, init_args: {p: 0.01}}`` (the reference applies
+        Blur, MedianBlur, ToGray and CLAHE at p 0.01 when albumentations is installed; none by default here).
     """
 
     mosaic: float = 1.0
     close_mosaic: int = 10
+    mixup: float = 0.0
     degrees: float = 0.0
     translate: float = 0.1
     scale: float = 0.5
+    shear: float = 0.0
+    perspective: float = 0.0
     hsv_h: float = 0.015
     hsv_s: float = 0.7
     hsv_v: float = 0.4
+    flipud: float = 0.0
     fliplr: float = 0.5
+    albumentations: tuple[dict[str, Any], ...] = ()
 
 
 def plain(value: Any) -> Any:

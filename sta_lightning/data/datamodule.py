@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader, DistributedSampler
@@ -134,6 +135,13 @@ class COCODataModule(L.LightningDataModule):
         split = self.splits[_EVAL_STAGES[stage]]
         return split.annotations if split else None
 
+    def class_counts(self) -> np.ndarray:
+        """(C,) int64: the objects of each class in the training split (set up for fit)."""
+        dataset = self.datasets.get("train")
+        if dataset is None:
+            raise RuntimeError("class_counts needs the training split set up (setup('fit'))")
+        return np.bincount(dataset.index.labels, minlength=self.classes.num_classes).astype(np.int64)
+
     @property
     def data_seed(self) -> int:
         """The base seed of the data order and augmentation: the ``seed_everything`` seed, 0 without one."""
@@ -177,6 +185,7 @@ class COCODataModule(L.LightningDataModule):
             self.image_size,
             augmentation,
             mosaic=self.augment.mosaic,
+            mixup=self.augment.mixup,
             cache=self.loader.cache,
             reduced_decoding=self.loader.reduced_decoding,
         )

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from sta_lightning.data.coco_index import COCOIndex
 from sta_lightning.data.image_cache import SharedImageCache
 from sta_lightning.data.image_scan import IMAGE_SUFFIXES, check_image_file
-from sta_lightning.data.transforms import TrainAugmentation
+from sta_lightning.data.transforms import SamplePlan, TrainAugmentation
 from sta_lightning.geometry import letterbox, read_image, read_resized, resize_long_side, resized_shape
 
 
@@ -29,8 +29,10 @@ def _to_chw_tensor(image: np.ndarray) -> torch.Tensor:
 class COCODetectionDataset(Dataset):
     """Images and targets of a COCOIndex at input size S: letterboxed, or augmented by ``augmentation``.
 
-    ``mosaic`` is the probability of a 4-image mosaic for a training sample; ``mosaic_enabled`` (set through
-    the datamodule's ``set_epoch``) switches it off for the last epochs. ``epoch`` and ``mosaic_enabled`` live
+    ``mosaic`` is the probability of a 4-image mosaic for a training sample and ``mixup`` that of blending it
+    with a second rendered sample (partner uniform over the dataset, share of the first from Beta(32, 32),
+    the boxes of both); ``mosaic_enabled`` (set through the datamodule's ``set_epoch``) switches both off for
+    the last epochs, as the reference's close_mosaic does. ``epoch`` and ``mosaic_enabled`` live
     in shared memory, so persistent DataLoader workers read what the main process sets.
 
     The random draws of training sample i (mosaic or not, its partners, the whole augmentation) are a
@@ -53,6 +55,7 @@ class COCODetectionDataset(Dataset):
         image_size: int,
         augmentation: TrainAugmentation | None = None,
         mosaic: float = 1.0,
+        mixup: float = 0.0,
         cache: Literal["ram"] | None = None,
         reduced_decoding: bool = False,
     ) -> None:
@@ -62,6 +65,7 @@ class COCODetectionDataset(Dataset):
         self.image_size = image_size
         self.augmentation = augmentation
         self.mosaic = mosaic
+        self.mixup = mixup
         self.reduced_decoding = reduced_decoding and augmentation is not None
         self.seed = 0  # base seed of the training augmentation
         self._epoch_state = torch.tensor([0, 1], dtype=torch.int64).share_memory_()  # epoch, mosaic on
@@ -105,41 +109,62 @@ class COCODetectionDataset(Dataset):
         """Image i at long side S: (h, w, 3) uint8 RGB (a read-only view when cached)."""
         return self._read(i) if self.cache is None else self.cache[i]
 
-    def load_targets(self, i: int) -> tuple[np.ndarray, np.ndarray, float]:
-        """Boxes (n, 4) float32 xyxy of image i in pixels at long side S, labels (n,) int64, and the ratio."""
-        boxes, labels = self.index.targets(i)
-        ratio = self.image_size / max(int(v) for v in self.index.sizes[i])
-        return boxes * np.float32(ratio), labels.copy(), ratio
+    def ratio(self, i: int) -> float:
+        """Image i's resize ratio to long side S."""
+        return self.image_size / max(int(v) for v in self.index.sizes[i])
 
-    def load_resized(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-        """Image i resized to long side S, its boxes (n, 4) in resized pixels, labels (n,), and the ratio."""
+    def load_targets(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes (n, 4) float32 xyxy of image i in pixels at long side S and labels (n,) int64."""
+        boxes, labels = self.index.targets(i)
+        return boxes * np.float32(self.ratio(i)), labels.copy()
+
+    def load_resized(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Image i resized to long side S, its boxes (n, 4) in resized pixels and labels (n,)."""
         return self.load_image(i), *self.load_targets(i)
+
+    def _render(
+        self, i: int, streams: tuple[int, int], key: int | None = None
+    ) -> tuple[np.random.Generator, SamplePlan, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Mosaic (with probability ``mosaic`` while enabled) and warp of image i, drawn from the random
+        streams ``streams`` (mosaic choice and partners, augmentation) of sample ``key`` (default i) in
+        this epoch; returns the first stream's generator (for the draws that follow), the plan and the
+        rendering."""
+        key = i if key is None else key
+        rng = np.random.default_rng(sample_seed(self.seed, self.epoch, key, stream=streams[0]))
+        self.augmentation.reseed(sample_seed(self.seed, self.epoch, key, stream=streams[1]))
+        indices = [i]
+        if self.mosaic_enabled and self.mosaic > 0 and rng.random() < self.mosaic:
+            indices += [int(j) for j in rng.integers(0, len(self), size=3)]
+        plan = self.augmentation.plan([self.resized_shape(j) for j in indices])
+        images = [
+            self.load_image(j) if shown else None for j, shown in zip(indices, plan.visible, strict=True)
+        ]
+        boxes, labels = zip(*(self.load_targets(j) for j in indices), strict=True)
+        return rng, plan, self.augmentation.render(plan, images, list(boxes), list(labels))
 
     def __getitem__(self, i: int) -> dict:
         if self.augmentation is None:
-            image, boxes, labels, ratio = self.load_resized(i)
+            image, boxes, labels = self.load_resized(i)
             image, pad = letterbox(image, self.image_size)
             boxes = boxes + np.asarray(pad * 2, dtype=np.float32)
         else:
-            rng = np.random.default_rng(sample_seed(self.seed, self.epoch, i, stream=0))
-            self.augmentation.reseed(sample_seed(self.seed, self.epoch, i, stream=1))
-            indices = [i]
-            if self.mosaic_enabled and self.mosaic > 0 and rng.random() < self.mosaic:
-                indices += [int(j) for j in rng.integers(0, len(self), size=3)]
-            plan = self.augmentation.plan([self.resized_shape(j) for j in indices])
-            images = [
-                self.load_image(j) if shown else None for j, shown in zip(indices, plan.visible, strict=True)
-            ]
-            boxes, labels, ratios = zip(*(self.load_targets(j) for j in indices), strict=True)
-            image, boxes, labels = self.augmentation.apply(plan, images, list(boxes), list(labels))
-            ratio, pad = ratios[0], (0, 0)
+            rng, plan, (image, boxes, labels) = self._render(i, streams=(0, 1))
+            if self.mosaic_enabled and self.mixup > 0 and rng.random() < self.mixup:
+                partner = int(rng.integers(0, len(self)))
+                share = rng.beta(32.0, 32.0)
+                _, _, (other, other_boxes, other_labels) = self._render(partner, streams=(2, 3), key=i)
+                image = (image * share + other * (1 - share)).astype(np.uint8)
+                boxes = np.concatenate([boxes, other_boxes])
+                labels = np.concatenate([labels, other_labels])
+            image, boxes, labels = self.augmentation.finish(plan, image, boxes, labels)
+            pad = (0, 0)
         return {
             "image": _to_chw_tensor(image),
             "boxes": torch.from_numpy(boxes),
             "labels": torch.from_numpy(labels),
             "image_id": int(self.index.image_ids[i]),
             "orig_size": tuple(int(v) for v in self.index.sizes[i]),
-            "ratio": ratio,
+            "ratio": self.ratio(i),
             "pad": pad,
         }
 

@@ -6,11 +6,14 @@ letterbox of evaluation and prediction; its functions are re-exported here for e
 
 from __future__ import annotations
 
+import importlib
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
+from albumentations.core.transforms_interface import ImageOnlyTransform
 
 from sta_lightning.data.config import AugmentConfig
 from sta_lightning.data.yolo_augment import (
@@ -39,12 +42,13 @@ from sta_lightning.geometry import (  # noqa: F401 (re-exported)
 class SamplePlan:
     """The random draws of one training sample, made before any image is read.
 
-    ``shapes``: (h, w) of its images (one, or four for a mosaic); ``canvas_hw``: the affine's input, (2S, 2S)
+    ``shapes``: (h, w) of its images (one, or four for a mosaic); ``canvas_hw``: the warp's input, (2S, 2S)
     with mosaic, else (S, S) (the image padded, centred); ``cells``: per image, (x1, y1, x2, y2) on that
     input and of the image part that fills it (``mosaic_cell``); ``matrix``: (3, 3) float64 input -> output
     pixels, ``gain`` its scale factor; ``window``: the part of the input the output reads; ``visible``: per
     image, whether any of it lies in the window (an image that does not is never read: its boxes would all be
-    dropped); ``hsv``: ``HSVGain`` parameters; ``flip``: horizontal flip.
+    dropped); ``hsv``: ``HSVGain`` parameters; ``pixel_seeds``: one per configured albumentations transform;
+    ``flipud``, ``flip``: vertical and horizontal flips.
     """
 
     shapes: tuple[tuple[int, int], ...]
@@ -55,28 +59,49 @@ class SamplePlan:
     window: Rect
     visible: tuple[bool, ...]
     hsv: dict
+    pixel_seeds: tuple[int, ...]
+    flipud: bool
     flip: bool
+
+
+def pixel_transform(spec: dict[str, Any]) -> ImageOnlyTransform:
+    """An albumentations pixel-level transform from ``{class_path, init_args}``; a ValueError names a class
+    that is not one, or that changes geometry."""
+    class_path = spec.get("class_path", "") if isinstance(spec, dict) else ""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"data.augment.albumentations: cannot import {class_path!r} ({error})") from error
+    if not (isinstance(cls, type) and issubclass(cls, ImageOnlyTransform)):
+        raise ValueError(
+            f"data.augment.albumentations: {class_path} is not a pixel-level albumentations transform "
+            "(ImageOnlyTransform); transforms that move pixels would leave the boxes behind"
+        )
+    return cls(**spec.get("init_args", {}))
 
 
 class TrainAugmentation:
     """The reference training recipe on images already resized to long side S.
 
     Order, as in the reference: a 4-image mosaic on a 2S x 2S canvas (the three extra images come from the
-    dataset) or, without mosaic, a centred pad to S x S; then a random affine into the S x S output (scale
-    factor U[1 - scale, 1 + scale], translation +-translate of S, rotation +-degrees; boxes under 2 px a side,
-    beyond aspect ratio 100 or under 10 % of their scaled area are dropped); HSV gains (``HSVGain``: hue,
-    saturation and value factors U[1 - g, 1 + g]); horizontal flip with probability fliplr. Boxes are xyxy
-    pixels.
+    dataset) or, without mosaic, a centred pad to S x S; then a random warp into the S x S output (scale
+    factor U[1 - scale, 1 + scale], translation +-translate of S, rotation +-degrees, shear +-shear degrees,
+    perspective; boxes under 2 px a side, beyond aspect ratio 100 or under 10 % of their scaled area are
+    dropped) (``render``); the dataset's mixup, if any; then the configured albumentations, HSV gains
+    (``HSVGain``: hue, saturation and value factors U[1 - g, 1 + g]), vertical flip with probability flipud
+    and horizontal flip with probability fliplr (``finish``). Boxes are xyxy pixels.
 
     A sample is planned first (``plan``: every random draw, from the stream that ``reseed`` starts) and then
-    rendered (``apply``): only the part of the mosaic canvas that the affine reads is built. Not thread-safe:
-    one instance per process (each DataLoader worker has its copy).
+    rendered: only the part of the mosaic canvas that the warp reads is built. Not thread-safe: one instance
+    per process (each DataLoader worker has its copy).
     """
 
     def __init__(self, image_size: int, augment: AugmentConfig = AugmentConfig()) -> None:
         self.size = image_size
         self.augment = augment
         self.hsv = HSVGain(augment.hsv_h, augment.hsv_s, augment.hsv_v)
+        self.pixel_transforms = [pixel_transform(spec) for spec in augment.albumentations]
         self._random = random.Random(0)
 
     def reseed(self, seed: int) -> None:
@@ -85,7 +110,8 @@ class TrainAugmentation:
 
     def plan(self, shapes: list[tuple[int, int]]) -> SamplePlan:
         """Draw one sample's augmentation for its images' (h, w) (long side S): one image, or four for a
-        mosaic (the sample's own first). Draws, in order: mosaic centre, affine, HSV gains, flip."""
+        mosaic (the sample's own first). Draws, in order: mosaic centre, warp, HSV gains, vertical flip (when
+        flipud > 0), horizontal flip, the albumentations' seeds (when configured)."""
         rng, size, augment = self._random, self.size, self.augment
         shapes = tuple((int(h), int(w)) for h, w in shapes)
         if len(shapes) == 4:
@@ -97,9 +123,21 @@ class TrainAugmentation:
             x, y = (size - w) // 2, (size - h) // 2
             canvas_hw = (size, size)
             cells = (((x, y, x + w, y + h), (0, 0, w, h)),)
-        matrix, gain = affine_matrix(rng, canvas_hw, size, augment.degrees, augment.translate, augment.scale)
+        matrix, gain = affine_matrix(
+            rng,
+            canvas_hw,
+            size,
+            augment.degrees,
+            augment.translate,
+            augment.scale,
+            augment.shear,
+            augment.perspective,
+        )
         window = affine_window(matrix, size, canvas_hw)
         self.hsv.set_random_seed(rng.getrandbits(32))
+        hsv = self.hsv.get_params()
+        flipud = augment.flipud > 0 and rng.random() < augment.flipud
+        flip = rng.random() < augment.fliplr
         return SamplePlan(
             shapes=shapes,
             canvas_hw=canvas_hw,
@@ -108,19 +146,22 @@ class TrainAugmentation:
             gain=gain,
             window=window,
             visible=tuple(overlaps(dst, window) for dst, _ in cells),
-            hsv=self.hsv.get_params(),
-            flip=rng.random() < augment.fliplr,
+            hsv=hsv,
+            pixel_seeds=tuple(rng.getrandbits(32) for _ in self.pixel_transforms),
+            flipud=flipud,
+            flip=flip,
         )
 
-    def apply(
+    def render(
         self,
         plan: SamplePlan,
         images: list[np.ndarray | None],
         boxes: list[np.ndarray],
         labels: list[np.ndarray],
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Render a planned sample: per image of the plan, (h, w, 3) uint8 RGB (None where not visible),
-        (n, 4) xyxy px boxes and (n,) labels -> (S, S, 3) uint8, (m, 4) float32 boxes, (m,) int64 labels."""
+        """Mosaic and warp of a planned sample: per image of the plan, (h, w, 3) uint8 RGB (None where not
+        visible), (n, 4) xyxy px boxes and (n,) labels -> (S, S, 3) uint8, (m, 4) float64 boxes, (m,)
+        labels."""
         for image, hw, visible in zip(images, plan.shapes, plan.visible, strict=True):
             if visible and (image is None or image.shape[:2] != hw):
                 raise ValueError(
@@ -143,15 +184,34 @@ class TrainAugmentation:
         on_canvas = np.concatenate([b[keep] for b, keep, _ in rows] or [np.zeros((0, 4))])
         on_canvas_labels = np.concatenate([lb[keep] for _, keep, lb in rows] or [np.zeros(0, np.int64)])
         out_boxes, keep = affine_boxes(on_canvas, plan.matrix, plan.gain, self.size)
-        out_labels = on_canvas_labels[keep]
+        return image, out_boxes, on_canvas_labels[keep]
+
+    def finish(
+        self, plan: SamplePlan, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The pixel transforms and flips of a planned sample on its rendered (S, S, 3) uint8 image and (m, 4)
+        xyxy px boxes -> (S, S, 3) uint8, (m, 4) float32 boxes, (m,) int64 labels."""
+        for transform, seed in zip(self.pixel_transforms, plan.pixel_seeds, strict=True):
+            transform.set_random_seed(seed)
+            image = transform(image=image)["image"]
         image = self.hsv.apply(image, **plan.hsv)
+        if plan.flipud:
+            image = cv2.flip(image, 0)
+            boxes = np.stack([boxes[:, 0], self.size - boxes[:, 3], boxes[:, 2], self.size - boxes[:, 1]], 1)
         if plan.flip:
             image = cv2.flip(image, 1)
-            out_boxes = np.stack(
-                [self.size - out_boxes[:, 2], out_boxes[:, 1], self.size - out_boxes[:, 0], out_boxes[:, 3]],
-                1,
-            )
-        return image, out_boxes.astype(np.float32), out_labels.astype(np.int64)
+            boxes = np.stack([self.size - boxes[:, 2], boxes[:, 1], self.size - boxes[:, 0], boxes[:, 3]], 1)
+        return image, boxes.astype(np.float32), labels.astype(np.int64)
+
+    def apply(
+        self,
+        plan: SamplePlan,
+        images: list[np.ndarray | None],
+        boxes: list[np.ndarray],
+        labels: list[np.ndarray],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``render`` then ``finish``: a planned sample without mixup."""
+        return self.finish(plan, *self.render(plan, images, boxes, labels))
 
     def __call__(
         self,

@@ -9,11 +9,11 @@ a hue shift instead of a hue gain), so these reproduce what the reference does:
   canvas, each against a random centre (cx, cy) drawn from U[S/2, 3S/2]: the first image ends at the centre
   (top left), the others extend from it to the top right, bottom left and bottom right; the canvas edges crop
   what sticks out.
-- affine (``affine_matrix``, ``warp``, ``affine_boxes``; ``YOLOAffine``): rotation and scale about the input's
-  centre, then a translation that puts that centre at U[0.5 - t, 0.5 + t] x S of an S x S output. On a 2S
-  mosaic canvas a zoomed-out output shows more of the canvas, not grey. Boxes keep the reference's
-  candidates: both sides > 2 px, aspect ratio < 100 and more than 10 % of the box's area (times scale^2)
-  left after clipping.
+- affine (``affine_matrix``, ``warp``, ``affine_boxes``; ``YOLOAffine``): perspective, rotation and scale,
+  and shear about the input's centre, then a translation that puts that centre at U[0.5 - t, 0.5 + t] x S
+  of an S x S output. On a 2S mosaic canvas a zoomed-out output shows more of the canvas, not grey. Boxes
+  keep the reference's candidates: both sides > 2 px, aspect ratio < 100 and more than 10 % of the box's
+  area (times scale^2) left after clipping.
 - ``HSVGain``: hue, saturation and value multiplied by gains drawn from U[1 - g, 1 + g] (OpenCV HSV, hue in
   0..179, wrapping), through lookup tables.
 
@@ -113,26 +113,52 @@ def overlaps(a: Rect, b: Rect) -> bool:
 
 
 def affine_matrix(
-    rng: random.Random, input_hw: tuple[int, int], size: int, degrees: float, translate: float, scale: float
+    rng: random.Random,
+    input_hw: tuple[int, int],
+    size: int,
+    degrees: float,
+    translate: float,
+    scale: float,
+    shear: float = 0.0,
+    perspective: float = 0.0,
 ) -> tuple[np.ndarray, float]:
-    """The random affine from an (H, W) input to the (S, S) output: (3, 3) float64 on pixel coordinates, and
-    its scale factor. Draws, in this order: angle, scale factor, x and y translation."""
+    """The random warp from an (H, W) input to the (S, S) output: (3, 3) float64 on pixel coordinates (an
+    affine, or a homography with ``perspective``), and its scale factor. About the input's centre: the
+    perspective row, then rotation and scale, then shear; then the translation. Draws, in this order: x and y
+    perspective (only when ``perspective``), angle, scale factor, x and y shear angles (only when ``shear``),
+    x and y translation."""
     height, width = input_hw
+    center = np.array([[1, 0, -width / 2], [0, 1, -height / 2], [0, 0, 1]], dtype=np.float64)
+    project = np.eye(3)
+    if perspective:
+        project[2, 0] = rng.uniform(-perspective, perspective)
+        project[2, 1] = rng.uniform(-perspective, perspective)
     angle = rng.uniform(-degrees, degrees)
     gain = rng.uniform(1 - scale, 1 + scale)
-    center = np.array([[1, 0, -width / 2], [0, 1, -height / 2], [0, 0, 1]], dtype=np.float64)
     rotate = np.eye(3)
     rotate[:2] = cv2.getRotationMatrix2D(angle=angle, center=(0, 0), scale=gain)
+    slant = np.eye(3)
+    if shear:
+        slant[0, 1] = math.tan(math.radians(rng.uniform(-shear, shear)))
+        slant[1, 0] = math.tan(math.radians(rng.uniform(-shear, shear)))
     shift = np.eye(3)
     shift[0, 2] = rng.uniform(0.5 - translate, 0.5 + translate) * size
     shift[1, 2] = rng.uniform(0.5 - translate, 0.5 + translate) * size
-    return shift @ rotate @ center, gain
+    return shift @ slant @ rotate @ project @ center, gain  # products with identities are exact
+
+
+def is_projective(matrix: np.ndarray) -> bool:
+    """Whether a (3, 3) warp has a perspective row (it is not an affine)."""
+    return bool(matrix[2, 0] or matrix[2, 1])
 
 
 def affine_window(matrix: np.ndarray, size: int, input_hw: tuple[int, int]) -> Rect:
     """The part of an (H, W) input that bilinear sampling of the (S, S) output under ``matrix`` reads, with
-    a pixel to spare on each side, clipped to the input (one pixel at least)."""
+    a pixel to spare on each side, clipped to the input (one pixel at least). Under a perspective warp, the
+    whole input (a line of the output may map through infinity)."""
     height, width = input_hw
+    if is_projective(matrix):
+        return 0, 0, width, height
     corners = np.array([[0, 0, 1], [size - 1, 0, 1], [0, size - 1, 1], [size - 1, size - 1, 1]], np.float64)
     mapped = corners @ cv2.invertAffineTransform(matrix[:2]).T
     x1, y1 = (
@@ -148,16 +174,13 @@ def warp(
 ) -> np.ndarray:
     """(S, S, C) output of ``matrix`` (3, 3) on an input of which ``image`` is the part from ``origin`` (x, y)
     on: bilinear, ``fill`` outside the input."""
+    options = dict(flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=(fill,) * 3)
+    if is_projective(matrix):
+        moved = matrix @ np.array([[1, 0, origin[0]], [0, 1, origin[1]], [0, 0, 1]], dtype=np.float64)
+        return cv2.warpPerspective(image, moved, dsize=(size, size), **options)
     affine = matrix[:2].copy()
     affine[:, 2] += affine[:, :2] @ np.asarray(origin, dtype=np.float64)
-    return cv2.warpAffine(
-        image,
-        affine,
-        dsize=(size, size),
-        flags=cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_CONSTANT,
-        borderValue=(fill,) * 3,
-    )
+    return cv2.warpAffine(image, affine, dsize=(size, size), **options)
 
 
 def affine_boxes(
@@ -169,7 +192,11 @@ def affine_boxes(
     corners = np.stack(
         [np.stack([x, y, np.ones_like(x)], 1) for x, y in ((x1, y1), (x2, y1), (x1, y2), (x2, y2))]
     )
-    mapped = corners @ matrix[:2].T  # (4, n, 2)
+    if is_projective(matrix):
+        projected = corners @ matrix.T  # (4, n, 3)
+        mapped = projected[..., :2] / projected[..., 2:]
+    else:
+        mapped = corners @ matrix[:2].T  # (4, n, 2)
     new = np.concatenate([mapped.min(0), mapped.max(0)], axis=1).clip(0, size)
     keep = box_candidates(boxes, new, gain)
     return new[keep], keep
@@ -247,12 +274,14 @@ class YOLOMosaic(DualTransform):
 
 
 class YOLOAffine(DualTransform):
-    """Random rotation, scale and translation of any input into a (S, S) output, reference style.
+    """Random rotation, scale, shear, perspective and translation of any input into a (S, S) output,
+    reference style (``affine_matrix``).
 
     The input's centre is rotated by U[-degrees, degrees] and scaled by U[1 - scale, 1 + scale] about
-    itself, then placed at (U[0.5 - translate, 0.5 + translate] S, the same for y) in the output; the
-    output's uncovered pixels are ``fill``. Box corners are mapped, the enclosing box clipped to the output,
-    and boxes that fail the reference's candidate test (module docstring) are dropped.
+    itself (after the perspective row, before the shear), then placed at (U[0.5 - translate, 0.5 +
+    translate] S, the same for y) in the output; the output's uncovered pixels are ``fill``. Box corners
+    are mapped, the enclosing box clipped to the output, and boxes that fail the reference's candidate test
+    (module docstring) are dropped.
     """
 
     def __init__(
@@ -261,6 +290,8 @@ class YOLOAffine(DualTransform):
         degrees: float = 0.0,
         translate: float = 0.1,
         scale: float = 0.5,
+        shear: float = 0.0,
+        perspective: float = 0.0,
         fill: int = 114,
         p: float = 1.0,
     ):
@@ -269,12 +300,21 @@ class YOLOAffine(DualTransform):
         self.degrees = degrees
         self.translate = translate
         self.scale = scale
+        self.shear = shear
+        self.perspective = perspective
         self.fill = fill
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         input_hw = params["shape"][:2]
         matrix, gain = affine_matrix(
-            self.py_random, input_hw, self.size, self.degrees, self.translate, self.scale
+            self.py_random,
+            input_hw,
+            self.size,
+            self.degrees,
+            self.translate,
+            self.scale,
+            self.shear,
+            self.perspective,
         )
         return {"matrix": matrix, "gain": gain, "input_hw": input_hw}
 

@@ -1,7 +1,9 @@
 """The YOLOv8 detection loss: task-aligned assignment, BCE classification, CIoU box and DFL terms."""
 
 from dataclasses import dataclass
+from typing import Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -68,11 +70,28 @@ def distribution_focal_loss(logits: Tensor, target: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class LossGains:
-    """The loss group of a config (``model.loss``): weights of the box (CIoU), class (BCE) and DFL terms."""
+    """The loss group of a config (``model.loss``): weights of the box (CIoU), class (BCE) and DFL terms,
+    and per-class positive weights of the BCE (``class_weights``: one per class, "auto" from the training
+    split's object counts by ``class_weights_from_counts`` with ``class_weight_power``, or None)."""
 
     box_gain: float = 7.5
     cls_gain: float = 0.5
     dfl_gain: float = 1.5
+    class_weights: tuple[float, ...] | Literal["auto"] | None = None
+    class_weight_power: float = 1.0
+
+
+def class_weights_from_counts(counts: np.ndarray, power: float = 1.0) -> np.ndarray:
+    """(C,) objects per class -> (C,) positive weights proportional to count^-power (1: inverse frequency,
+    0.5: its square root, 0: none), scaled so that their mean over the objects is 1 (the positive part of
+    the classification loss keeps its size). Classes without objects get 1 (they have no positives)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts > 0
+    weights = np.ones_like(counts)
+    if present.any():
+        raw = counts[present] ** -power
+        weights[present] = raw * counts[present].sum() / (counts[present] * raw).sum()
+    return weights
 
 
 class YOLOv8Loss(nn.Module):
@@ -114,6 +133,23 @@ class YOLOv8Loss(nn.Module):
         self.assigner = TaskAlignedAssigner(
             num_classes, assigner.topk, assigner.alpha, assigner.beta, min_box_side=assigner.min_box_side
         )
+        # (C,) BCE positive weights, or None; not in state dicts (the config or the data gives them).
+        self.register_buffer("positive_weights", None, persistent=False)
+
+    def set_class_weights(
+        self, weights: Tensor | np.ndarray | None, device: torch.device | str | None = None
+    ) -> None:
+        """Weigh the positive BCE term of class c by ``weights[c]`` ((C,)), or by 1 (None); kept on
+        ``device``, that of the predictions."""
+        if weights is None:
+            self.positive_weights = None
+            return
+        weights = torch.as_tensor(np.asarray(weights, dtype=np.float32))
+        if weights.shape != (self.num_classes,) or not bool((weights > 0).all()):
+            raise ValueError(
+                f"model.loss.class_weights: {self.num_classes} positive values needed, got {weights.tolist()}"
+            )
+        self.positive_weights = weights.to(device)
 
     def forward(
         self, preds: list[Tensor], targets: dict[str, Tensor], all_processes: bool = False
@@ -167,7 +203,9 @@ class YOLOv8Loss(nn.Module):
             target_scores_sum, total_batch_size = sums[0], sums[1]
             process_count = dist.get_world_size()
         target_scores_sum = target_scores_sum.clamp(min=1)
-        cls_loss = F.binary_cross_entropy_with_logits(cls_logits, assignment.scores, reduction="none").sum()
+        cls_loss = F.binary_cross_entropy_with_logits(
+            cls_logits, assignment.scores, pos_weight=self.positive_weights, reduction="none"
+        ).sum()
 
         foreground = assignment.foreground
         weight = assignment.scores.sum(-1)[foreground]  # (P,)

@@ -33,6 +33,7 @@ from sta_lightning.models import (
     build_detector,
     non_max_suppression,
 )
+from sta_lightning.models.loss import class_weights_from_counts
 from sta_lightning.plugins.random_state import RandomStateCheckpoint
 from sta_lightning.plugins.requeue import SLURMRequeue
 from sta_lightning.training.compile import CompileConfig
@@ -141,6 +142,7 @@ class DetectionModule(L.LightningModule):
         if self.pretrained_summary is not None:
             rank_zero_info(self.pretrained_summary)
         self.loss = YOLOv8Loss(classes.num_classes, self.model.reg_max, self.model.strides, loss, assigner)
+        self.loss_config = loss
         self.accumulation = GradientAccumulation(step)
         self.evaluation = COCOEvaluation()
         self.schedule: TrainingSchedule | None = None
@@ -223,6 +225,28 @@ class DetectionModule(L.LightningModule):
             if group["name"] == "weight":
                 group["weight_decay"] = decay
         self.accumulation.restore_gradients(self)
+        self._set_class_weights()
+
+    def _set_class_weights(self) -> None:
+        """The loss's class weights: the config's, or "auto" from the training split's object counts (told
+        once, on global rank 0)."""
+        weights = self.loss_config.class_weights
+        if weights == "auto":
+            if self.data is None:
+                raise ValueError(
+                    "model.loss.class_weights: auto needs the project's datamodule (class counts)"
+                )
+            counts = self.data.class_counts()
+            weights = class_weights_from_counts(counts, self.loss_config.class_weight_power)
+            listed = ", ".join(
+                f"{name} {weight:.2f} ({count})"
+                for name, weight, count in zip(self.classes.names, weights, counts, strict=True)
+            )
+            rank_zero_info(
+                f"Class weights (auto, power {self.loss_config.class_weight_power}), as weight (objects): "
+                + listed
+            )
+        self.loss.set_class_weights(weights, self.device)
 
     def on_train_epoch_start(self) -> None:
         if self.data is not None:
