@@ -106,7 +106,7 @@ def test_emit_writes_a_command_per_run_and_a_slurm_array(tmp_path):
     ablate([*arguments, "--seeds", "0", "1", "2", "--output", str(output), "--emit", "--slurm=--gres=gpu:1"])
     commands = (output / "commands.txt").read_text().splitlines()
     assert [command.rsplit(" ", 1)[1] for command in commands] == [
-        f"{name}:{seed}" for name in ("plain", "sta") for seed in (0, 1, 2)
+        f"{name}:{seed}" for seed in (0, 1, 2) for name in ("plain", "sta")
     ]
     assert all(f"--output {output.resolve()} --run" in command for command in commands)
     script = (output / "ablation.sbatch").read_text()
@@ -219,15 +219,15 @@ def test_a_killed_ablation_completes_on_rerun_with_the_results_validate_computes
     killed = run_ablate(["--output", str(output)], tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert "plain:0: finished earlier, skipped" in killed.stdout
-    plain_1 = output / "runs" / "plain" / "seed-1"
-    assert (plain_1 / "checkpoints" / "last.ckpt").is_file() and not (plain_1 / "result.json").exists()
+    sta_0 = output / "runs" / "sta" / "seed-0"
+    assert (sta_0 / "checkpoints" / "last.ckpt").is_file() and not (sta_0 / "result.json").exists()
 
     rerun = run_ablate(["--output", str(output)], tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "plain:0: finished earlier, skipped" in rerun.stdout
-    assert "plain:1: resuming from" in rerun.stdout
+    assert "sta:0: resuming from" in rerun.stdout
     assert finished.stat().st_mtime_ns == first_written and finished.read_text() == first_result
-    resumed = torch.load(plain_1 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    resumed = torch.load(sta_0 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert resumed["epoch"] == 1
     assert (
         resumed["callbacks"]["TrainingThroughput"]["images"] == 16

@@ -72,8 +72,9 @@ class Ablation:
             raise ValueError(f"--seeds must be distinct and at least one: {list(self.seeds)}")
 
     def runs(self) -> list[Run]:
-        """Every (variant, seed), variants in the given order and seeds inside each."""
-        return [Run(self.output, variant, seed) for variant in self.variants for seed in self.seeds]
+        """Every (variant, seed), seed by seed (so that an ablation stopped early has whole pairs), the
+        variants of a seed in the given order."""
+        return [Run(self.output, variant, seed) for seed in self.seeds for variant in self.variants]
 
     def run(self, key: str) -> Run:
         """The run named ``VARIANT:SEED``."""

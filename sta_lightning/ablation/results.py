@@ -15,8 +15,9 @@ COLUMNS = ("variant", "seed", "checkpoint", *METRICS, *COST)
 
 
 def finished_results(ablation: Ablation) -> list[dict[str, Any]]:
-    """The ``result.json`` of every finished run, in the ablation's order (variants, then seeds)."""
-    return [json.loads(run.result_file.read_text()) for run in ablation.runs() if run.state() == "finished"]
+    """The ``result.json`` of every finished run, by variant (in the given order), then seed."""
+    runs = sorted(ablation.runs(), key=lambda run: (ablation.variants.index(run.variant), run.seed))
+    return [json.loads(run.result_file.read_text()) for run in runs if run.state() == "finished"]
 
 
 def write_results(results: list[dict[str, Any]], folder: Path) -> Path:
