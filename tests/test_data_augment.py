@@ -248,3 +248,17 @@ def test_perspective_renders_the_whole_canvas():
     augmentation.reseed(0)
     plan = augmentation.plan([(SIZE, SIZE)] * 4)
     assert plan.window == (0, 0, 2 * SIZE, 2 * SIZE) and all(plan.visible)
+
+
+def test_multi_scale_sizes_are_multiples_of_32_in_half_to_one_and_a_half_s_drawn_from_seed_and_iteration(
+    demo_root, monkeypatch
+):
+    plain = _train_data(demo_root, num_workers=0)
+    assert {plain.input_size(i) for i in range(50)} == {SIZE}
+    data, again = (_train_data(demo_root, num_workers=0, multi_scale=True) for _ in range(2))
+    sizes = [data.input_size(i) for i in range(2000)]
+    assert sizes == [again.input_size(i) for i in range(2000)]  # every process, every resume
+    assert set(sizes) == {64, 96, 128, 160, 192, 224, 256}  # U{[80, 272)} floored to a multiple of 32
+    assert len(set(sizes[:8])) > 1
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")
+    assert [data.input_size(i) for i in range(50)] != sizes[:50]

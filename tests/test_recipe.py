@@ -1,5 +1,6 @@
-"""The recipe's run controls through the CLI: class weights (given or "auto"), early stopping and extending a
-finished fit to more epochs (the schedule and close_mosaic recomputed for the new length)."""
+"""The recipe's run controls through the CLI: class weights (given or "auto"), early stopping, extending a
+finished fit to more epochs (the schedule and close_mosaic recomputed for the new length) and multi-scale
+training (with STA blocks at every size)."""
 
 import csv
 import json
@@ -8,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from sta_lightning.cli import main
 from sta_lightning.data import DemoDataModule
-from sta_lightning.models import YOLOv8Loss
+from sta_lightning.models import DEFAULT_STA, YOLOv8, YOLOv8Loss
 from sta_lightning.models.loss import class_weights_from_counts
 
 ARGS = [
@@ -133,3 +135,50 @@ def test_a_finished_fit_extended_to_more_epochs_follows_the_longer_schedule(demo
     extended_lrs, planned_lrs = learning_rates(extended), learning_rates(planned)
     assert set(extended_lrs) == {step for step in planned_lrs if step >= 4}
     assert extended_lrs == {step: lr for step, lr in planned_lrs.items() if step >= 4}
+
+
+class InputSizes(Callback):
+    """Records the side of every training input the detector sees, by iteration."""
+
+    def __init__(self) -> None:
+        self.sides: list[int] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        def record(module, inputs):
+            if module.training:
+                self.sides.append(inputs[0].shape[-1])
+
+        pl_module.model.register_forward_pre_hook(record)
+
+
+def test_multi_scale_fits_each_iteration_at_its_drawn_size(demo, tmp_path):
+    cli = fit(
+        demo,
+        tmp_path / "run",
+        "--trainer.max_epochs=2",
+        "--data.augment.multi_scale=true",
+        "--model.detector.sta=default",
+        "--trainer.callbacks+=test_recipe.InputSizes",
+    )
+    (recorder,) = [c for c in cli.trainer.callbacks if isinstance(c, InputSizes)]
+    assert recorder.sides == [cli.datamodule.input_size(i) for i in range(4)]
+    assert torch.isfinite(torch.tensor(cli.trainer.callback_metrics["train/box_loss_epoch"]))
+
+
+def test_sta_blocks_train_at_odd_multi_scale_sizes():
+    # The default preset's 4x4 super tokens on P4 (stride 16) leave partial cells unless the side is a
+    # multiple of 64: at 352 px a 22 x 22 map is a 6 x 6 grid, padded. Sizes of 320 px multi-scale training.
+    torch.manual_seed(0)
+    model = YOLOv8("n", num_classes=5, sta=DEFAULT_STA).train()
+    loss = YOLOv8Loss(num_classes=5)
+    for size in (160, 224, 352, 480):
+        model.zero_grad()
+        targets = {
+            "batch_idx": torch.tensor([0]),
+            "cls": torch.tensor([1]),
+            "bboxes": torch.tensor([[0.2, 0.3, 0.7, 0.8]]) * size,
+        }
+        total, _ = loss(model(torch.rand(1, 3, size, size)), targets)
+        total.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert torch.isfinite(total) and all(torch.isfinite(g).all() for g in grads), size

@@ -67,6 +67,9 @@ class AugmentConfig:
         perspective (+-this coefficient of the projective row, in 1/pixels: 0.0001 to 0.001 is mild at 640).
     hsv_h, hsv_s, hsv_v: colour gains of hue (fraction of a turn), saturation and value (factor ranges).
     flipud, fliplr: vertical and horizontal flip probabilities.
+    multi_scale: a new square input size for each training batch (``COCODataModule.input_size``): a
+        multiple of 32 in [0.5, 1.5] x S, drawn from (seed, iteration), so the same on every process and
+        after a resume; the module resizes the batch (bilinear) and its boxes on the device.
     albumentations: pixel-level albumentations transforms applied after the warp and mixup, before the HSV
         gains, each as ``{class_path: albumentations.Blur, init_args: {p: 0.01}}`` (the reference applies
         Blur, MedianBlur, ToGray and CLAHE at p 0.01 when albumentations is installed; none by default here).
@@ -85,6 +88,7 @@ class AugmentConfig:
     hsv_v: float = 0.4
     flipud: float = 0.0
     fliplr: float = 0.5
+    multi_scale: bool = False
     albumentations: tuple[dict[str, Any], ...] = ()
 
 

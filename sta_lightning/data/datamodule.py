@@ -46,9 +46,10 @@ from sta_lightning.data.dataset import (
 )
 from sta_lightning.data.errors import EXAMPLES_SHOWN, DataWarning, warn_data
 from sta_lightning.data.transforms import TrainAugmentation
-from sta_lightning.models.yolo import check_image_size
+from sta_lightning.models.yolo import MAX_STRIDE, check_image_size
 
 _EVAL_STAGES = {"fit": "val", "validate": "val", "test": "test"}
+MULTI_SCALE_STREAM = 7  # the random stream of the multi-scale sizes (the samples' streams are 0-3)
 
 # torchdata 0.11 calls a torch function that torch >= 2.9 deprecates, once per loader iterator: not ours to
 # fix, and it says nothing to the user.
@@ -134,6 +135,17 @@ class COCODataModule(L.LightningDataModule):
         """The annotation json that evaluation of ``stage`` ('fit', 'validate' or 'test') reads."""
         split = self.splits[_EVAL_STAGES[stage]]
         return split.annotations if split else None
+
+    def input_size(self, iteration: int) -> int:
+        """The square input size of training iteration ``iteration`` (counted over the epochs): S, or with
+        ``augment.multi_scale`` U{[S/2, 3S/2 + 32)} floored to a multiple of 32 (the reference's draw), from
+        (seed, iteration) alone."""
+        size = self.image_size
+        if not self.augment.multi_scale:
+            return size
+        seed = np.random.SeedSequence([self.data_seed % 2**63, iteration, MULTI_SCALE_STREAM])
+        drawn = int(np.random.default_rng(seed).integers(size // 2, size * 3 // 2 + MAX_STRIDE))
+        return max(drawn // MAX_STRIDE * MAX_STRIDE, MAX_STRIDE)
 
     def class_counts(self) -> np.ndarray:
         """(C,) int64: the objects of each class in the training split (set up for fit)."""

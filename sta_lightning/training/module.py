@@ -40,6 +40,7 @@ from sta_lightning.training.compile import CompileConfig
 from sta_lightning.training.data_contract import DetectionData
 from sta_lightning.training.ema import EMAConfig, ModelEMA
 from sta_lightning.training.evaluation import COCOEvaluation, detections_to_original
+from sta_lightning.training.multi_scale import resized_batch
 from sta_lightning.training.optim import (
     GROUP_NAMES,
     OptimizerConfig,
@@ -257,8 +258,11 @@ class DetectionModule(L.LightningModule):
         settings = self.schedule.at(iteration, self.current_epoch)
         apply_step_settings(self.optimizers().optimizer, settings)
 
-        predictions = self._train_forward(self.model_input(batch["images"]))
+        images = self.model_input(batch["images"])
         targets = {key: batch[key] for key in ("batch_idx", "cls", "bboxes")}
+        if self.data is not None and (size := self.data.input_size(iteration)) != images.shape[-1]:
+            images, targets["bboxes"] = resized_batch(images, targets["bboxes"], size, self.memory_format)
+        predictions = self._train_forward(images)
         total, items = self.loss(predictions, targets, all_processes=True)
         self.accumulation.step(self, total, iteration, settings.accumulate)
 
