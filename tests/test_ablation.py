@@ -86,6 +86,9 @@ def test_a_changed_plan_for_the_same_folder_is_refused(tmp_path, capsys):
         ablate([*common, "--seeds", "0", "1", "2", "--", "--trainer.max_epochs=3"])
     assert "differs in seeds, overrides" in capsys.readouterr().err
     ablate(["--output", str(output), "--emit"])  # the folder alone continues the saved plan
+    with pytest.raises(SystemExit):
+        ablate(["--output", str(output), "--run", "a:9"])
+    assert "--run 'a:9' is none of this ablation's runs: ['a:0', 'a:1']" in capsys.readouterr().err
 
 
 def test_emit_writes_a_command_per_run_and_a_slurm_array(tmp_path):

@@ -150,6 +150,8 @@ def main(args: list[str] | None = None) -> None:
         if arguments.output is None:
             command_parser.error("--output is required (or --summarize DIR)")
         ablation = ablation_from(arguments, overrides)
+        if arguments.run:
+            ablation.run(arguments.run)  # a key of this ablation
     except (ValueError, FileNotFoundError) as error:
         command_parser.error(str(error))
     if arguments.emit:
