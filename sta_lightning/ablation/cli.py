@@ -102,7 +102,7 @@ def ablation_from(arguments: argparse.Namespace, overrides: list[str]) -> Ablati
     return saved
 
 
-def summarize(ablation: Ablation, confidence: float, resamples: int) -> None:
+def write_outputs(ablation: Ablation, confidence: float, resamples: int) -> None:
     """Write results.csv and the summary of the finished runs, print it and log it to W&B."""
     results = finished_results(ablation)
     results_file = write_results(results, ablation.output)
@@ -145,7 +145,7 @@ def main(args: list[str] | None = None) -> None:
     overrides = given[split + 1 :]
     try:
         if arguments.summarize:
-            summarize(Ablation.load(arguments.summarize), arguments.confidence, arguments.resamples)
+            write_outputs(Ablation.load(arguments.summarize), arguments.confidence, arguments.resamples)
             return
         if arguments.output is None:
             command_parser.error("--output is required (or --summarize DIR)")
@@ -163,7 +163,7 @@ def main(args: list[str] | None = None) -> None:
         return
     failures = run_all(ablation, arguments.run)
     if not arguments.run:
-        summarize(ablation, arguments.confidence, arguments.resamples)
+        write_outputs(ablation, arguments.confidence, arguments.resamples)
     if failures:
         sys.exit(
             f"{len(failures)} run(s) failed; rerun the same command to retry them:\n" + "\n".join(failures)
