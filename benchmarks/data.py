@@ -6,8 +6,10 @@
    the same images (``--images``/``--annotations``, default coco128 from ../shared/data) at ``--image-size``
    with the default recipe (mosaic, affine, HSV, flip), JPEG decoding included, in alternating rounds of
    ``--round-images`` samples of a shuffled epoch: uncached (the reference reading one new image per sample,
-   as on a dataset larger than its buffer of recent images) and cached (ours: ``cache="ram"``; the
-   reference's ``cache="ram"``). Prints each side's median images/s, the decodes per sample and the ratios.
+   as on a dataset larger than its buffer of recent images; ours with mosaic partners from the whole dataset
+   and, a third side, from groups of ``--mosaic-group`` consecutive images of the epoch's order) and cached
+   (ours: ``cache="ram"``; the reference's ``cache="ram"``). Prints each side's median images/s, the decodes
+   per sample and the ratios.
    ``--compare-only`` skips parts 1 and 2.
 1. Images per second for ONE worker (one process, one thread), JPEG decode included: training pipeline
    (read, resize, 4-image mosaic, affine, colour, flip, collate) and validation pipeline (read, resize,
@@ -20,7 +22,8 @@
    images listed 118,287 times, as COCO train2017, 640 px, batch 16, 8 workers).
 
     python benchmarks/data.py [--image-size 640] [--batch-size 16] [--batches 6] [--epochs 6]
-        [--reference-python REF/bin/python] [--rounds 7] [--round-images 64] [--compare-only]
+        [--reference-python REF/bin/python] [--rounds 7] [--round-images 64] [--mosaic-group 16]
+        [--compare-only]
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from sta_lightning.data import COCODataModule, DemoDataModule  # noqa: E402
 from sta_lightning.data.coco_index import load_coco_index  # noqa: E402
 from sta_lightning.data.config import LoaderConfig, Split  # noqa: E402
 from sta_lightning.data.dataset import COCODetectionDataset  # noqa: E402
+from sta_lightning.data.order import epoch_order  # noqa: E402
 from sta_lightning.data.transforms import TrainAugmentation  # noqa: E402
 
 GOAL_IMAGES_PER_SECOND = 30.0
@@ -56,11 +60,11 @@ REFERENCE_SCRIPT = Path(__file__).with_name("reference_data.py")
 
 
 class OurSamples:
-    """Training samples of this project's dataset, timed round by round over shuffled epochs."""
+    """Training samples of this project's dataset, timed round by round over its epochs' orders."""
 
-    def __init__(self, dataset: COCODetectionDataset, seed: int = 0) -> None:
+    def __init__(self, dataset: COCODetectionDataset) -> None:
         self.dataset = dataset
-        self.epochs = np.random.default_rng(seed)
+        dataset.epoch = -1
         self.order: list[int] = []
         self.decodes = 0
         read = dataset._read
@@ -77,9 +81,9 @@ class OurSamples:
         decodes, start, cpu_start = self.decodes, time.perf_counter(), time.process_time()
         for _ in range(count):
             if not self.order:
-                self.order = self.epochs.permutation(len(self.dataset)).tolist()
                 self.dataset.epoch += 1
-            self.dataset[self.order.pop()]
+                self.order = epoch_order(self.dataset.seed, self.dataset.epoch, len(self.dataset)).tolist()
+            self.dataset[self.order.pop(0)]
         return {
             "images_per_second": count / (time.perf_counter() - start),
             "cpu_images_per_second": count / (time.process_time() - cpu_start),
@@ -146,6 +150,9 @@ def compare_with_reference(args: argparse.Namespace) -> None:
         fill_seconds = time.perf_counter() - start
         sides = {
             "ours": OurSamples(COCODetectionDataset(index, size, TrainAugmentation(size))),
+            f"ours, group {args.mosaic_group}": OurSamples(
+                COCODetectionDataset(index, size, TrainAugmentation(size), mosaic_group=args.mosaic_group)
+            ),
             "reference": ReferenceSamples(
                 args.reference_python, workdir / "yolo/images/train", size, None, workdir
             ),
@@ -183,6 +190,7 @@ def compare_with_reference(args: argparse.Namespace) -> None:
     )
     for ours, reference in (
         ("ours", "reference"),
+        (f"ours, group {args.mosaic_group}", "reference"),
         ("ours, cached", "reference"),
         ("ours, cached", "reference, cached"),
     ):
@@ -282,6 +290,9 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=7, help="part 0: rounds measured per side")
     parser.add_argument("--round-images", type=int, default=64, help="part 0: samples per round")
+    parser.add_argument(
+        "--mosaic-group", type=int, default=16, help="part 0: data.augment.mosaic_group of the grouped side"
+    )
     parser.add_argument("--compare-only", action="store_true", help="run part 0 only")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -7,9 +7,11 @@ from dataclasses import fields
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DistributedSampler
 
 from sta_lightning.data import AugmentConfig, DemoDataModule, LoaderConfig
 from sta_lightning.data.index_cache import CACHE_DIR_ENV
+from sta_lightning.data.order import BatchSliceSampler, epoch_order
 from sta_lightning.data.transforms import PAD_VALUE, TrainAugmentation, letterbox, pixel_transform
 
 SIZE = 160
@@ -68,7 +70,9 @@ EVERY_OPTION = dict(
 )
 
 
-@pytest.mark.parametrize("recipe", [{}, EVERY_OPTION], ids=["default", "every-option"])
+@pytest.mark.parametrize(
+    "recipe", [{}, EVERY_OPTION, {"mosaic_group": 4}], ids=["default", "every-option", "mosaic-group"]
+)
 def test_an_epoch_depends_on_the_seed_and_epoch_only_not_on_workers_or_global_state(
     demo_root, monkeypatch, recipe
 ):
@@ -93,15 +97,60 @@ def test_an_epoch_depends_on_the_seed_and_epoch_only_not_on_workers_or_global_st
     assert not _equal(_epoch(_train_data(demo_root, num_workers=0, batch_size=8, **recipe), 0), epoch0)
 
 
-def test_ranks_share_the_one_process_batches(demo_root):
-    # With N processes of batch b, each step's N batches are the images of one process's batch of N x b.
-    single = _train_data(demo_root, num_workers=0, batch_size=8)
-    expected = [set(b["image_ids"].tolist()) for b in _epoch(single, 3)]
-    per_rank = [_epoch(_train_data(demo_root, num_workers=0, batch_size=4), 3, 2, rank) for rank in (0, 1)]
-    got = [
-        set(a["image_ids"].tolist()) | set(b["image_ids"].tolist()) for a, b in zip(*per_rank, strict=True)
+@pytest.mark.parametrize("recipe", [{}, {"mosaic_group": 4}], ids=["default", "mosaic-group"])
+def test_ranks_share_the_one_process_batches(demo_root, recipe):
+    # With N processes of batch b, each step's N batches, one after the other, are one process's batch of
+    # N x b: the same images, augmented alike.
+    single = _epoch(_train_data(demo_root, num_workers=0, batch_size=8, **recipe), 3)
+    per_rank = [
+        _epoch(_train_data(demo_root, num_workers=0, batch_size=4, **recipe), 3, 2, rank) for rank in (0, 1)
     ]
-    assert got == expected
+    joined = [
+        {key: torch.cat([a[key], b[key]]) for key in ("images", "image_ids")}
+        for a, b in zip(*per_rank, strict=True)
+    ]
+    assert len(joined) == len(single) == 3
+    for got, expected in zip(joined, single, strict=True):
+        assert torch.equal(got["image_ids"], expected["image_ids"])
+        assert torch.equal(got["images"], expected["images"])
+
+
+def test_a_mosaic_group_is_decoded_once_and_holds_the_partners(demo_root):
+    # mosaic_group 4 with batch 8: each mosaic's partners are images of its group, 4 consecutive positions
+    # of the epoch's order; every image is decoded at most once in the epoch (against about 3.5 times).
+    decodes = {}
+    for group in (None, 4):
+        dm = _train_data(demo_root, num_workers=0, batch_size=8, mosaic_group=group)
+        dataset = dm.datasets["train"]
+        read, reads = dataset._read, []
+        dataset._read = lambda i, read=read, reads=reads: reads.append(i) or read(i)
+        batches = _epoch(dm, 2)
+        decodes[group] = len(reads)
+    order = torch.cat([b["image_ids"] for b in batches]).tolist()
+    index_of = {int(image_id): i for i, image_id in enumerate(dataset.index.image_ids)}
+    assert order == [dataset.index.image_ids[i] for i in epoch_order(dataset.seed, 2, len(dataset))]
+    assert decodes[4] <= len(dataset) < 2 * len(dataset) < decodes[None]
+    rng = np.random.default_rng(0)
+    for p, image_id in enumerate(order):
+        group = {index_of[j] for j in order[p // 4 * 4 : p // 4 * 4 + 4]}
+        assert set(dataset.mosaic_partners(index_of[image_id], rng)) <= group
+
+
+def test_the_sampler_slices_global_batches_of_the_padded_order():
+    # One process: the order DistributedSampler draws. Three processes of batch 2 over 10 images: the padded
+    # order (12 positions, the last image repeated) in global batches of 6, process r taking slice r.
+    order = epoch_order(5, 3, 10).tolist()
+    single = BatchSliceSampler(range(10), 4, seed=5)
+    single.set_epoch(3)
+    distributed = DistributedSampler(range(10), num_replicas=1, rank=0, shuffle=True, seed=5)
+    distributed.set_epoch(3)
+    assert list(single) == list(distributed) == order
+    padded = order + order[-1:] * 2
+    for rank in range(3):
+        sampler = BatchSliceSampler(range(10), 2, seed=5, world_size=3, rank=rank)
+        sampler.set_epoch(3)
+        assert len(sampler) == 4
+        assert list(sampler) == padded[2 * rank : 2 * rank + 2] + padded[6 + 2 * rank : 8 + 2 * rank]
 
 
 def test_persistent_workers_follow_the_epoch_and_the_mosaic_switch(demo_root):

@@ -70,6 +70,13 @@ class AugmentConfig:
     multi_scale: a new square input size for each training batch (``COCODataModule.input_size``): a
         multiple of 32 in [0.5, 1.5] x S, drawn from (seed, iteration), so the same on every process and
         after a resume; the module resizes the batch (bilinear) and its boxes on the device.
+    mosaic_group: null: a mosaic's three other images are drawn from the whole
+        dataset; L: from the L images of its group, L consecutive positions of the epoch's order (its own
+        included). With L dividing ``data.loader.batch_size`` a group lies in one batch, so its images are
+        decoded once for the group instead of once per mosaic (about 1 decode per sample against 3.5; the
+        reference draws the partners from a buffer of the images its worker loaded recently). The samples
+        still depend on (seed, epoch, index) only, not on workers or DDP layout; with N processes of batch b,
+        L should divide b.
     albumentations: pixel-level albumentations transforms applied after the warp and mixup, before the HSV
         gains, each as ``{class_path: albumentations.Blur, init_args: {p: 0.01}}`` (the reference applies
         Blur, MedianBlur, ToGray and CLAHE at p 0.01 when albumentations is installed; none by default here).
@@ -89,6 +96,7 @@ class AugmentConfig:
     flipud: float = 0.0
     fliplr: float = 0.5
     multi_scale: bool = False
+    mosaic_group: int | None = None
     albumentations: tuple[dict[str, Any], ...] = ()
 
 

@@ -1,14 +1,14 @@
 """COCODataModule: COCO-format detection data for Lightning (fit / validate / test / predict); DemoDataModule.
 
-Determinism and resume: the training order of an epoch is a permutation drawn from (seed, epoch) by a
-``DistributedSampler`` (one replica without DDP), and each sample's augmentation is drawn from (seed, epoch,
-index) (``sample_seed``), where seed is the ``seed_everything`` seed (0 without one). No data randomness comes
-from torch's global generator, a worker or a rank: the data of a fit is the same with any worker count, and
-with N DDP processes of batch b each optimizer step sees the images that one process of batch N x b sees.
-The training loader is torchdata's ``StatefulDataLoader``, whose position Lightning saves in checkpoints,
-so a fit resumed from a mid-epoch checkpoint continues at the next batch. Workers are persistent (kept from
-one epoch and one validation to the next): ``set_epoch`` writes the epoch and the mosaic switch (off for the
-last ``close_mosaic`` epochs) into shared memory that the workers read for every sample.
+Determinism and resume: the training order of an epoch is a permutation drawn from (seed, epoch), which
+``BatchSliceSampler`` cuts into global batches shared by the processes, and each sample's augmentation is
+drawn from (seed, epoch, index) (``sample_seed``), where seed is the ``seed_everything`` seed (0 without one).
+No data randomness comes from torch's global generator, a worker or a rank: the data of a fit is the same with
+any worker count, and with N DDP processes of batch b each optimizer step sees the images that one process of
+batch N x b sees. The training loader is torchdata's ``StatefulDataLoader``, whose position Lightning saves in
+checkpoints, so a fit resumed from a mid-epoch checkpoint continues at the next batch. Workers are persistent
+(kept from one epoch and one validation to the next): ``set_epoch`` writes the epoch and the mosaic switch
+(off for the last ``close_mosaic`` epochs) into shared memory that the workers read for every sample.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from sta_lightning.classes import Classes
@@ -45,6 +45,7 @@ from sta_lightning.data.dataset import (
     list_image_files,
 )
 from sta_lightning.data.errors import EXAMPLES_SHOWN, DataWarning, warn_data
+from sta_lightning.data.order import BatchSliceSampler
 from sta_lightning.data.transforms import TrainAugmentation
 from sta_lightning.models.yolo import MAX_STRIDE, check_image_size
 
@@ -198,6 +199,7 @@ class COCODataModule(L.LightningDataModule):
             augmentation,
             mosaic=self.augment.mosaic,
             mixup=self.augment.mixup,
+            mosaic_group=self.augment.mosaic_group,
             cache=self.loader.cache,
             reduced_decoding=self.loader.reduced_decoding,
         )
@@ -304,12 +306,11 @@ class COCODataModule(L.LightningDataModule):
         )
 
     def training_loader(self, epoch: int, world_size: int = 1, rank: int = 0) -> StatefulDataLoader:
-        """Batches of ``epoch`` for process ``rank`` of ``world_size``: a permutation drawn from
-        (seed, epoch), of which this process takes positions rank, rank + world_size, ...
-        (``DistributedSampler``)."""
+        """Batches of ``epoch`` for process ``rank`` of ``world_size``: slice ``rank`` of each global batch
+        of the permutation drawn from (seed, epoch) (``BatchSliceSampler``)."""
         dataset = self._dataset("train")
-        sampler = DistributedSampler(
-            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.data_seed
+        sampler = BatchSliceSampler(
+            dataset, self.loader.batch_size, self.data_seed, world_size=world_size, rank=rank
         )
         sampler.set_epoch(epoch)
         return StatefulDataLoader(dataset, sampler=sampler, **self._loader_args())

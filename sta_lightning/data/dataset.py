@@ -8,6 +8,7 @@ original = (box - pad) / ratio. For augmented training samples ``ratio`` is the 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +19,7 @@ from torch.utils.data import Dataset
 from sta_lightning.data.coco_index import COCOIndex
 from sta_lightning.data.image_cache import SharedImageCache
 from sta_lightning.data.image_scan import IMAGE_SUFFIXES, check_image_file
+from sta_lightning.data.order import epoch_order
 from sta_lightning.data.transforms import SamplePlan, TrainAugmentation
 from sta_lightning.geometry import letterbox, read_image, read_resized, resize_long_side, resized_shape
 
@@ -31,9 +33,13 @@ class COCODetectionDataset(Dataset):
 
     ``mosaic`` is the probability of a 4-image mosaic for a training sample and ``mixup`` that of blending it
     with a second rendered sample (partner uniform over the dataset, share of the first from Beta(32, 32),
-    the boxes of both); ``mosaic_enabled`` (set through the datamodule's ``set_epoch``) switches both off for
-    the last epochs, as the reference's close_mosaic does. ``epoch`` and ``mosaic_enabled`` live
-    in shared memory, so persistent DataLoader workers read what the main process sets.
+    the boxes of both). A mosaic's three other images are uniform over the dataset, or with ``mosaic_group``
+    L over the L images of its group: positions [kL, (k + 1)L) of the epoch's order (``epoch_order``, the
+    sampler's), whose decoded images the dataset keeps (the last 2L in each process: about 2L x S x S x 3
+    bytes) so that a group's images are decoded once. ``mosaic_enabled`` (set through the datamodule's
+    ``set_epoch``) switches mosaic and mixup off for the last epochs, as the reference's close_mosaic does.
+    ``epoch`` and ``mosaic_enabled`` live in shared memory, so persistent DataLoader workers read what the
+    main process sets.
 
     The random draws of training sample i (mosaic or not, its partners, the whole augmentation) are a
     function of (``seed``, ``epoch``, i) alone: the same on any process, in any DataLoader worker, whatever
@@ -58,15 +64,21 @@ class COCODetectionDataset(Dataset):
         mixup: float = 0.0,
         cache: Literal["ram"] | None = None,
         reduced_decoding: bool = False,
+        mosaic_group: int | None = None,
     ) -> None:
         if cache not in (None, "ram"):
             raise ValueError(f"cache must be None or 'ram', got {cache!r}")
+        if mosaic_group is not None and mosaic_group < 1:
+            raise ValueError(f"data.augment.mosaic_group must be null or a positive count: {mosaic_group}")
         self.index = index
         self.image_size = image_size
         self.augmentation = augmentation
         self.mosaic = mosaic
         self.mixup = mixup
         self.reduced_decoding = reduced_decoding and augmentation is not None
+        self.mosaic_group = mosaic_group
+        self._order: tuple[int, np.ndarray, np.ndarray] | None = None  # epoch, its order, positions
+        self._recent: OrderedDict[int, np.ndarray] = OrderedDict()  # decoded images of the latest groups
         self.seed = 0  # base seed of the training augmentation
         self._epoch_state = torch.tensor([0, 1], dtype=torch.int64).share_memory_()  # epoch, mosaic on
         self.cache = None
@@ -106,8 +118,34 @@ class COCODetectionDataset(Dataset):
         )
 
     def load_image(self, i: int) -> np.ndarray:
-        """Image i at long side S: (h, w, 3) uint8 RGB (a read-only view when cached)."""
-        return self._read(i) if self.cache is None else self.cache[i]
+        """Image i at long side S: (h, w, 3) uint8 RGB (read-only when cached or kept for its group)."""
+        if self.cache is not None:
+            return self.cache[i]
+        if self.mosaic_group is None:
+            return self._read(i)
+        if i in self._recent:
+            self._recent.move_to_end(i)
+        else:
+            self._recent[i] = image = self._read(i)
+            image.flags.writeable = False
+            if len(self._recent) > 2 * self.mosaic_group:
+                self._recent.popitem(last=False)
+        return self._recent[i]
+
+    def mosaic_partners(self, i: int, rng: np.random.Generator) -> list[int]:
+        """The three other images of image i's mosaic in this epoch, drawn by ``rng``: uniform over the
+        dataset, or over the images of i's group (``mosaic_group``)."""
+        if self.mosaic_group is None:
+            return [int(j) for j in rng.integers(0, len(self), size=3)]
+        if self._order is None or self._order[0] != self.epoch:
+            order = epoch_order(self.seed, self.epoch, len(self))
+            positions = np.empty_like(order)
+            positions[order] = np.arange(len(order))
+            self._order = (self.epoch, order, positions)
+        _, order, positions = self._order
+        start = positions[i] // self.mosaic_group * self.mosaic_group
+        group = order[start : start + self.mosaic_group]
+        return [int(j) for j in group[rng.integers(0, len(group), size=3)]]
 
     def ratio(self, i: int) -> float:
         """Image i's resize ratio to long side S."""
@@ -134,7 +172,7 @@ class COCODetectionDataset(Dataset):
         self.augmentation.reseed(sample_seed(self.seed, self.epoch, key, stream=streams[1]))
         indices = [i]
         if self.mosaic_enabled and self.mosaic > 0 and rng.random() < self.mosaic:
-            indices += [int(j) for j in rng.integers(0, len(self), size=3)]
+            indices += self.mosaic_partners(i, rng)
         plan = self.augmentation.plan([self.resized_shape(j) for j in indices])
         images = [
             self.load_image(j) if shown else None for j, shown in zip(indices, plan.visible, strict=True)
