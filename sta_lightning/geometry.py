@@ -103,17 +103,17 @@ def read_resized(
     return image
 
 
-def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Pad an image whose sides are <= size to (size, size, 3), centred, with PAD_VALUE.
+def letterbox(image: np.ndarray, size: int | tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """Pad an image no larger than ``size`` (S, or (h, w)) to (S, S, 3) or (h, w, 3), centred, with PAD_VALUE.
 
     Returns (padded image, (pad_x, pad_y)) = the left and top padding in pixels. cv2 is called directly (not
     A.PadIfNeeded) because the offsets must be known exactly to map boxes back to the original image.
     """
     h, w = image.shape[:2]
-    pad_x, pad_y = (size - w) // 2, (size - h) // 2
-    padded = cv2.copyMakeBorder(
-        image, pad_y, size - h - pad_y, pad_x, size - w - pad_x, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3
-    )
+    height, width = (size, size) if isinstance(size, int) else size
+    pad_x, pad_y = (width - w) // 2, (height - h) // 2
+    borders = (pad_y, height - h - pad_y, pad_x, width - w - pad_x)
+    padded = cv2.copyMakeBorder(image, *borders, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
     return padded, (pad_x, pad_y)
 
 

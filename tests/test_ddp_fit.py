@@ -5,7 +5,8 @@ weights (raw and EMA, parameters and buffers) and validation metrics of 1 proces
 The fit: 8 training images (one batch of 8, or one of 4 per process, is the whole epoch, so both see the same
 images in every step whatever the sampler), mosaic (partners from groups of 4), mixup and multi-scale on and
 the rest of the augmentation off, nominal batch 32 (4 batches summed per optimizer step, no warmup), 12 epochs
-= 3 optimizer steps, no gradient clipping (which would hide a wrong loss scale), from a checkpoint whose
+= 3 optimizer steps, validation in rect batches (7 images: one batch of 7, or two slices of 4, the second
+padded with a repeat), no gradient clipping (which would hide a wrong loss scale), from a checkpoint whose
 target scores exceed 1 (so that normalising the loss per process would show). In float64 (precision 64-true),
 so that the comparison measures the algebra (loss scale by world size, loss normalisation over processes,
 weight decay and accumulation for the total batch, synchronised BatchNorm), not float32 rounding: in float32
@@ -71,7 +72,7 @@ def fit_config(tmp_path_factory) -> Path:
                 "num_train": NUM_TRAIN,
                 "num_val": NUM_VAL,
                 "image_size": 64,
-                "loader": {"num_workers": 0},
+                "loader": {"num_workers": 0, "rect": True},  # validation in rect batches of 8 images
                 "augment": recipe,
             },
         },

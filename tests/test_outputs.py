@@ -61,15 +61,18 @@ def run_test(checkpoint: Path, data: list[str], run: Path) -> tuple[Path, dict[s
     return log_dir / TEST_RESULTS_FILE, {key: float(value) for key, value in row.items() if value}
 
 
-def test_test_writes_coco_results_that_pycocotools_scores_to_the_logged_metrics(demo):
+@pytest.mark.parametrize("rect", [False, True], ids=["square", "rect"])
+def test_test_writes_coco_results_that_pycocotools_scores_to_the_logged_metrics(demo, rect):
+    # Square letterboxes, or rect batches (each batch letterboxed to its own shape): the same scoring.
     data = ["--data=sta_lightning.data.DemoDataModule", f"--data.root={demo['root'] / 'demo'}"]
     data += [
         "--data.num_train=4",
         "--data.num_val=7",
         f"--data.image_size={IMAGE_SIZE}",
         "--data.loader.batch_size=2",
+        f"--data.loader.rect={str(rect).lower()}",
     ]
-    results_file, logged = run_test(demo["checkpoint"], data, demo["root"] / "test_run")
+    results_file, logged = run_test(demo["checkpoint"], data, demo["root"] / f"test_run_{rect}")
     results = json.loads(results_file.read_text())
     truth = json.loads(demo["val_annotations"].read_text())
     assert {r["image_id"] for r in results} <= {image["id"] for image in truth["images"]}

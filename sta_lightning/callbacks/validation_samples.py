@@ -1,14 +1,16 @@
 """Base for callbacks that run a fixed set of validation images through the detector and log what they see.
 
 During a validation run (every ``every_n_epochs`` training epochs, and always under ``trainer.validate``),
-right after the first validation batch, global rank 0 alone takes the first ``num_images`` images of the
-validation set and runs them through the plain detector ``pl_module.model`` in eval mode under
+right after the first validation batch, global rank 0 alone takes the first ``num_images`` images of its
+validation order (at most a batch: rect batches differ in shape) and runs them through the plain detector ``pl_module.model`` in eval mode under
 ``torch.no_grad``, then hands the results to ``log_samples``. Hooking into the validation loop (rather than
 after it) means the detector holds the weights being validated: the EMA weights when a ``WeightAveraging``
 callback such as ``ModelEMA`` swaps them in for validation, whatever the callback order. The forward bypasses
 the DDP wrapper and runs no collective, so the other ranks go on without waiting for rank 0; the detector's
 train/eval mode is restored afterwards.
 """
+
+import itertools
 
 import torch
 from lightning.pytorch import Callback, Trainer
@@ -18,7 +20,8 @@ from sta_lightning.training.module import DetectionModule, evaluation_mode
 
 
 class ValidationSamplesCallback(Callback):
-    """Every ``every_n_epochs`` epochs, ``log_samples`` for the first ``num_images`` validation images.
+    """Every ``every_n_epochs`` epochs, ``log_samples`` for the first ``num_images`` validation images (at most
+    one batch).
 
     For a ``sta_lightning.training.DetectionModule`` (its ``model`` is the ``YOLOv8``).
     """
@@ -55,11 +58,13 @@ class ValidationSamplesCallback(Callback):
         raise NotImplementedError
 
     def _validation_samples(self, trainer: Trainer) -> dict:
-        """The first ``num_images`` images of the (first) validation set as one collated CPU batch, built once
-        per dataset (a later ``validate`` on other data gets its own)."""
+        """The first ``num_images`` images (at most a batch) in the order of this process's (first) validation
+        loader as one collated CPU batch, built once per dataset (a later ``validate`` on other data gets its
+        own)."""
         loaders = trainer.val_dataloaders
         loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
         if self._samples is None or self._samples[0] is not loader.dataset:
-            count = min(self.num_images, len(loader.dataset))
-            self._samples = (loader.dataset, loader.collate_fn([loader.dataset[i] for i in range(count)]))
+            indices = itertools.islice(loader.sampler, min(self.num_images, loader.batch_size))
+            samples = loader.collate_fn([loader.dataset[i] for i in indices])
+            self._samples = (loader.dataset, samples)
         return self._samples[1]

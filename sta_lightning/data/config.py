@@ -44,6 +44,9 @@ class LoaderConfig:
     reduced_decoding: decode training JPEGs at least twice the size they need at 1/2, 1/4 or 1/8
         (``COCODetectionDataset``): faster for photos many times the input size, but training pixels then
         differ slightly from what evaluation and deployment decode.
+    rect: validate and test in rect batches, as the reference validates: images sorted by aspect ratio, each
+        batch (of batch_size x processes) letterboxed to its own (h, w), multiples of 32 with the long side
+        S + 32 (the reference's pad of half a stride); false: every image letterboxed to S x S.
     """
 
     batch_size: int = 16
@@ -52,6 +55,7 @@ class LoaderConfig:
     persistent_workers: bool = True
     cache: Literal["ram"] | None = None
     reduced_decoding: bool = False
+    rect: bool = False
 
 
 @dataclass(frozen=True)

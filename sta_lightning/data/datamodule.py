@@ -45,7 +45,7 @@ from sta_lightning.data.dataset import (
     list_image_files,
 )
 from sta_lightning.data.errors import EXAMPLES_SHOWN, DataWarning, warn_data
-from sta_lightning.data.order import BatchSliceSampler
+from sta_lightning.data.order import BatchSliceSampler, rect_order, rect_shapes
 from sta_lightning.data.transforms import TrainAugmentation
 from sta_lightning.models.yolo import MAX_STRIDE, check_image_size
 
@@ -316,7 +316,20 @@ class COCODataModule(L.LightningDataModule):
         return StatefulDataLoader(dataset, sampler=sampler, **self._loader_args())
 
     def _evaluation_loader(self, split: str) -> DataLoader:
-        return DataLoader(self._dataset(split), shuffle=False, **self._loader_args())
+        """The loader of an evaluation split; with ``loader.rect``, rect batches: the images by aspect ratio
+        (``rect_order``), each global batch (batch size x processes) letterboxed to its own shape
+        (``rect_shapes``), process r taking slice r of it (``BatchSliceSampler``)."""
+        dataset = self._dataset(split)
+        if not (self.loader.rect and isinstance(dataset, COCODetectionDataset)):
+            return DataLoader(dataset, shuffle=False, **self._loader_args())
+        trainer = self.trainer
+        world_size, rank = (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
+        sizes = dataset.index.sizes
+        order = rect_order(sizes, dataset.index.file_names)
+        batch_size = self.loader.batch_size
+        dataset.letterbox_shapes = rect_shapes(sizes, order, batch_size * world_size, self.image_size)
+        sampler = BatchSliceSampler(dataset, batch_size, world_size=world_size, rank=rank, order=order)
+        return DataLoader(dataset, sampler=sampler, **self._loader_args())
 
     def val_dataloader(self) -> DataLoader | list:
         return self._evaluation_loader("val") if "val" in self.datasets else []

@@ -50,7 +50,8 @@ class COCODetectionDataset(Dataset):
     at 1/2, 1/4 or 1/8 (``geometry.read_resized``): the same boxes, but pixels that differ from what
     evaluation, prediction and deployment decode (on coco128 by 1.7 grey levels on average at 320 px, 5 at
     256 px), for a decode 15-25 % faster on COCO-sized photos; worth it for photos many times the input size.
-    Evaluation samples (no ``augmentation``) are always decoded in full.
+    Evaluation samples (no ``augmentation``) are always decoded in full and letterboxed to S x S, or to their
+    (h, w) in ``letterbox_shapes`` (rect batches, ``COCODataModule``).
     ``cache``: "ram" decodes every image once, up front, into shared memory that all DataLoader workers read
     (``SharedImageCache``; ``cache.nbytes`` is its size: the resized images' bytes); samples stay the same.
     """
@@ -77,6 +78,7 @@ class COCODetectionDataset(Dataset):
         self.mixup = mixup
         self.reduced_decoding = reduced_decoding and augmentation is not None
         self.mosaic_group = mosaic_group
+        self.letterbox_shapes: np.ndarray | None = None  # (N, 2) (h, w) per image; None: (S, S)
         self._order: tuple[int, np.ndarray, np.ndarray] | None = None  # epoch, its order, positions
         self._recent: OrderedDict[int, np.ndarray] = OrderedDict()  # decoded images of the latest groups
         self.seed = 0  # base seed of the training augmentation
@@ -183,7 +185,8 @@ class COCODetectionDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         if self.augmentation is None:
             image, boxes, labels = self.load_resized(i)
-            image, pad = letterbox(image, self.image_size)
+            shape = self.image_size if self.letterbox_shapes is None else tuple(self.letterbox_shapes[i])
+            image, pad = letterbox(image, shape)
             boxes = boxes + np.asarray(pad * 2, dtype=np.float32)
         else:
             rng, plan, (image, boxes, labels) = self._render(i, streams=(0, 1))
