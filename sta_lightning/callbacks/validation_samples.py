@@ -2,12 +2,12 @@
 
 During a validation run (every ``every_n_epochs`` training epochs, and always under ``trainer.validate``),
 right after the first validation batch, global rank 0 alone takes the first ``num_images`` images of its
-validation order (at most a batch: rect batches differ in shape) and runs them through the plain detector ``pl_module.model`` in eval mode under
-``torch.no_grad``, then hands the results to ``log_samples``. Hooking into the validation loop (rather than
-after it) means the detector holds the weights being validated: the EMA weights when a ``WeightAveraging``
-callback such as ``ModelEMA`` swaps them in for validation, whatever the callback order. The forward bypasses
-the DDP wrapper and runs no collective, so the other ranks go on without waiting for rank 0; the detector's
-train/eval mode is restored afterwards.
+validation order (at most a batch: rect batches differ in shape) and runs them through the plain detector
+``pl_module.model`` in eval mode under ``torch.no_grad``, then hands the results to ``log_samples``. Hooking
+into the validation loop (rather than after it) means the detector holds the weights being validated: the EMA
+weights when a ``WeightAveraging`` callback such as ``ModelEMA`` swaps them in for validation, whatever the
+callback order. The forward bypasses the DDP wrapper and runs no collective, so the other ranks go on without
+waiting for rank 0; the detector's train/eval mode is restored afterwards.
 """
 
 import itertools
@@ -20,8 +20,8 @@ from sta_lightning.training.module import DetectionModule, evaluation_mode
 
 
 class ValidationSamplesCallback(Callback):
-    """Every ``every_n_epochs`` epochs, ``log_samples`` for the first ``num_images`` validation images (at most
-    one batch).
+    """Every ``every_n_epochs`` epochs, ``log_samples`` for the first ``num_images`` validation images (at
+    most one batch).
 
     For a ``sta_lightning.training.DetectionModule`` (its ``model`` is the ``YOLOv8``).
     """
