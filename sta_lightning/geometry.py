@@ -117,6 +117,18 @@ def letterbox(image: np.ndarray, size: int | tuple[int, int]) -> tuple[np.ndarra
     return padded, (pad_x, pad_y)
 
 
+def box_area(boxes: np.ndarray) -> np.ndarray:
+    """(n, 4) xyxy boxes -> (n,) areas (0 for an empty box)."""
+    return (boxes[:, 2] - boxes[:, 0]).clip(0) * (boxes[:, 3] - boxes[:, 1]).clip(0)
+
+
+def box_intersection(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """(n, 4) and (m, 4) xyxy boxes -> (n, m) areas of their intersections."""
+    top_left = np.maximum(boxes[:, None, :2], others[None, :, :2])
+    bottom_right = np.minimum(boxes[:, None, 2:], others[None, :, 2:])
+    return (bottom_right - top_left).clip(0).prod(axis=2)
+
+
 def boxes_to_original(
     boxes: torch.Tensor | np.ndarray,
     ratio: float | torch.Tensor,

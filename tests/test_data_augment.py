@@ -1,18 +1,26 @@
 """Training data: draws that depend on (seed, epoch, index) only, epoch order, close_mosaic, valid targets;
-the recipe's optional augmentations on real demo samples: flipud, shear, perspective, mixup and pixel-level
-albumentations from the config (their statistics against the reference: benchmarks/augment_stats.py)."""
+the recipe's optional augmentations on real demo samples: flipud, shear, perspective, mixup, copy-paste and
+pixel-level albumentations from the config (their statistics against the reference:
+benchmarks/augment_stats.py)."""
 
+import json
+import random
+import warnings
 from dataclasses import fields
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
 from sta_lightning.data import AugmentConfig, DemoDataModule, LoaderConfig
+from sta_lightning.data.coco_index import load_coco_index
+from sta_lightning.data.errors import DataWarning
 from sta_lightning.data.index_cache import CACHE_DIR_ENV
 from sta_lightning.data.order import BatchSliceSampler, epoch_order
 from sta_lightning.data.transforms import PAD_VALUE, TrainAugmentation, letterbox, pixel_transform
+from sta_lightning.data.yolo_augment import copy_paste
 
 SIZE = 160
 COLOUR_OFF = dict(hsv_h=0.0, hsv_s=0.0, hsv_v=0.0)
@@ -267,6 +275,84 @@ def test_mixup_blends_a_second_sample_and_keeps_the_boxes_of_both(demo_root):
     assert sum(extra) > 12  # the partners bring objects
     mixed.mosaic_enabled = without.mosaic_enabled = False  # close_mosaic ends mixup too
     assert all(np.array_equal(mixed[i]["image"].numpy(), without[i]["image"].numpy()) for i in range(6))
+
+
+def test_copy_paste_mirrors_objects_by_their_polygons_where_the_mirror_is_free():
+    # A red triangle on the left is free on the right; a centred square's mirror covers itself; an object
+    # without polygons is never pasted.
+    image = np.full((100, 200, 3), 50, np.uint8)
+    triangle = np.array([[10, 10], [50, 10], [10, 60]], np.float32)
+    cv2.fillPoly(image, [triangle.astype(np.int32)], (255, 0, 0))
+    square = np.array([[90, 70], [110, 70], [110, 90], [90, 90]], np.float32)
+    cv2.fillPoly(image, [square.astype(np.int32)], (0, 255, 0))
+    boxes = np.array([[10, 10, 50, 60], [90, 70, 110, 90], [150, 70, 170, 90]], np.float64)
+    original = image.copy()
+    pasted, mirrored = copy_paste(
+        image, (0, 0, 200, 100), boxes, [[triangle], [square], []], 1.0, random.Random(0)
+    )
+    assert pasted.tolist() == [0]
+    assert mirrored.tolist() == [[150, 10, 190, 60]]
+    changed = np.nonzero((image != original).any(-1))
+    # filled polygons cover their edge pixels: the mirrored fill spans columns 199 - 50 to 199 - 10
+    assert changed[1].min() == 149 and changed[1].max() == 189 and changed[0].min() == 10
+    assert (image[15, 185] == (255, 0, 0)).all()  # the mirrored triangle's top right corner
+    assert (image[55, 160] == 50).all()  # outside the mirrored triangle: untouched
+    # Within a region (the single image's part of a padded canvas) the mirror is about the region's centre.
+    image = original.copy()
+    pasted, mirrored = copy_paste(image, (0, 0, 100, 100), boxes[:1], [[triangle]], 1.0, random.Random(0))
+    assert mirrored.tolist() == [[50, 10, 90, 60]] and (image[15, 85] == (255, 0, 0)).all()
+    assert (image[:, 100:] == original[:, 100:]).all()
+    # round(fraction x candidates) objects are pasted: 0.5 of 1 rounds to 0, as Python's round does.
+    assert (
+        len(
+            copy_paste(
+                original.copy(), (0, 0, 200, 100), boxes, [[triangle], [square], []], 0.5, random.Random(0)
+            )[0]
+        )
+        == 0
+    )
+
+
+def test_copy_paste_adds_mirrored_objects_to_demo_samples_and_stops_with_mosaic(demo_root):
+    plain, pasting = _train_set(demo_root, **COLOUR_OFF), _train_set(demo_root, copy_paste=1.0, **COLOUR_OFF)
+    extra = [len(pasting[i]["boxes"]) - len(plain[i]["boxes"]) for i in range(12)]
+    assert min(extra) >= 0 and sum(extra) > 6
+    assert all(torch.equal(pasting[i]["image"], pasting[i]["image"]) for i in range(3))  # deterministic
+    assert all(torch.equal(pasting[i]["boxes"], pasting[i]["boxes"]) for i in range(3))
+    plain.mosaic_enabled = pasting.mosaic_enabled = False  # close_mosaic ends copy-paste too
+    for i in range(6):
+        assert torch.equal(pasting[i]["image"], plain[i]["image"])
+        assert torch.equal(pasting[i]["boxes"], plain[i]["boxes"])
+
+
+def test_objects_without_polygons_are_reported_once_when_copy_paste_is_on(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(images / "a.jpg"), np.full((40, 60, 3), 90, np.uint8))
+    box = {"image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 20], "iscrowd": 0}
+    annotations = [
+        {**box, "id": 1, "segmentation": [[5, 5, 25, 5, 5, 25]]},
+        {**box, "id": 2, "segmentation": {"size": [40, 60], "counts": "abc"}},
+        {**box, "id": 3, "segmentation": [[5, 5, 25]]},
+        {**box, "id": 4},
+    ]
+    document = {
+        "images": [{"id": 1, "file_name": "a.jpg", "height": 40, "width": 60}],
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    (tmp_path / "a.json").write_text(json.dumps(document))
+    index = load_coco_index(tmp_path / "a.json", images)
+    polygons = index.polygons(0)
+    assert [len(p) for p in polygons] == [1, 0, 0, 0]
+    assert polygons[0][0].tolist() == [[5, 5], [25, 5], [5, 25]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        index.warn_missing_polygons()
+    (message,) = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+    assert "3 of 4 objects have none (2 of them RLE masks or malformed polygons" in message
+    assert "annotation 2 segmentation is an RLE mask" in message
+    assert "annotation 3 segmentation[0] is not an even count of at least 6 numbers" in message
 
 
 def test_pixel_albumentations_come_from_the_config_and_keep_the_boxes(demo_root):

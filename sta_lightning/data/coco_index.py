@@ -20,7 +20,18 @@ from sta_lightning.data.image_scan import scan_images
 from sta_lightning.data.index_cache import cache_file_for, read_cache, write_cache
 
 # What the scan cache stores of a COCOIndex: its arrays, and the rest as a JSON report.
-ARRAY_FIELDS = ("image_ids", "file_names", "sizes", "exif_oriented", "box_starts", "boxes", "labels")
+ARRAY_FIELDS = (
+    "image_ids",
+    "file_names",
+    "sizes",
+    "exif_oriented",
+    "box_starts",
+    "boxes",
+    "labels",
+    "polygon_starts",
+    "point_starts",
+    "points",
+)
 REPORT_FIELDS = (
     "category_ids",
     "class_names",
@@ -29,6 +40,7 @@ REPORT_FIELDS = (
     "bad_images",
     "dropped_boxes",
     "clipped_boxes",
+    "polygon_issues",
 )
 
 
@@ -40,7 +52,10 @@ class COCOIndex:
     annotation's frame), ``exif_oriented`` (N,) bool: image i is read with its EXIF orientation applied
     (``annotation_frame_is_exif_oriented``);
     ``boxes`` (M, 4) float32 xyxy original pixels and ``labels`` (M,) int64 class indices, image i owning rows
-    ``box_starts[i]:box_starts[i + 1]``. The bad-input report (what was skipped) travels with it.
+    ``box_starts[i]:box_starts[i + 1]``; the objects' polygons: box row r owns polygons
+    ``polygon_starts[r]:polygon_starts[r + 1]`` (none for an object without), polygon p the ``points`` (Q, 2)
+    float32 xy original pixels ``point_starts[p]:point_starts[p + 1]``. The bad-input report (what was
+    skipped) travels with it.
     """
 
     annotation_file: Path
@@ -54,11 +69,15 @@ class COCOIndex:
     box_starts: np.ndarray
     boxes: np.ndarray
     labels: np.ndarray
+    polygon_starts: np.ndarray
+    point_starts: np.ndarray
+    points: np.ndarray
     num_listed_images: int
     num_crowd: int
     bad_images: list[tuple[str, str]] = field(default_factory=list)
     dropped_boxes: list[str] = field(default_factory=list)
     clipped_boxes: list[str] = field(default_factory=list)
+    polygon_issues: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -67,6 +86,29 @@ class COCOIndex:
         """(n, 4) float32 xyxy boxes and (n,) int64 labels of image i, original pixels."""
         start, stop = self.box_starts[i], self.box_starts[i + 1]
         return self.boxes[start:stop], self.labels[start:stop]
+
+    def polygons(self, i: int) -> list[list[np.ndarray]]:
+        """Per object of image i (the rows of ``targets``), its polygons, (k, 2) float32 xy pixels."""
+        rows = range(self.box_starts[i], self.box_starts[i + 1])
+        return [
+            [
+                self.points[self.point_starts[p] : self.point_starts[p + 1]]
+                for p in range(self.polygon_starts[r], self.polygon_starts[r + 1])
+            ]
+            for r in rows
+        ]
+
+    def warn_missing_polygons(self) -> None:
+        """One DataWarning, when there are any, for the objects that have no polygon to paste by."""
+        missing = int(np.count_nonzero(np.diff(self.polygon_starts) == 0))
+        if missing:
+            examples = "; ".join(self.polygon_issues[:EXAMPLES_SHOWN])
+            warn_data(
+                f"{self.annotation_file.name}: copy-paste pastes objects by their segmentation polygons; "
+                f"{missing} of {len(self.labels)} objects have none ({len(self.polygon_issues)} of them RLE "
+                f"masks or malformed polygons, the rest boxes only) and are not pasted"
+                + (f". First: {examples}" if examples else "")
+            )
 
     def image_path(self, i: int) -> Path:
         return self.image_dir / str(self.file_names[i])
@@ -113,6 +155,7 @@ def load_coco_index(annotation_file: str | Path, image_dir: str | Path, scan_wor
             bad_images=[tuple(item) for item in report["bad_images"]],
             dropped_boxes=report["dropped_boxes"],
             clipped_boxes=report["clipped_boxes"],
+            polygon_issues=report["polygon_issues"],
             **arrays,
         )
     index.warn_skipped()
@@ -134,6 +177,8 @@ def _build_index(annotation_file: Path, image_dir: Path, scan_workers: int) -> C
     rows = [row for image_id in kept for row in boxes_of[image_id]]
     table = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
     counts = np.asarray([len(boxes_of[image_id]) for image_id in kept], dtype=np.int64)
+    polygons = [polygon for image_id in kept for row in instances.polygons_of[image_id] for polygon in row]
+    polygon_counts = [len(row) for image_id in kept for row in instances.polygons_of[image_id]]
     return COCOIndex(
         annotation_file=annotation_file,
         image_dir=image_dir,
@@ -143,12 +188,21 @@ def _build_index(annotation_file: Path, image_dir: Path, scan_workers: int) -> C
         file_names=np.asarray([images[image_id][0] for image_id in kept], dtype=str),
         sizes=np.asarray([images[image_id][1:] for image_id in kept], dtype=np.int64).reshape(-1, 2),
         exif_oriented=np.asarray(exif_oriented, dtype=bool),
-        box_starts=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        box_starts=_starts(counts),
         boxes=table[:, :4].astype(np.float32),
         labels=table[:, 4].astype(np.int64),
+        polygon_starts=_starts(polygon_counts),
+        point_starts=_starts([len(polygon) for polygon in polygons]),
+        points=np.concatenate(polygons or [np.zeros((0, 2))]).astype(np.float32).reshape(-1, 2),
         num_listed_images=len(images),
         num_crowd=instances.num_crowd,
         bad_images=[(file_name, reason) for _, file_name, reason in bad_images],
         dropped_boxes=instances.dropped_boxes,
         clipped_boxes=instances.clipped_boxes,
+        polygon_issues=instances.polygon_issues,
     )
+
+
+def _starts(counts) -> np.ndarray:
+    """(n + 1,) int64 offsets of n consecutive runs of the given lengths."""
+    return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)

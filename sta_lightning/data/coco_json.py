@@ -4,7 +4,8 @@ record and field of any fault.
 The json is parsed with ``json`` rather than pycocotools' ``COCO`` because ``COCO.createIndex`` stops with a
 bare KeyError; the evaluator reads the same file with faster-coco-eval's ``COCO`` (the pycocotools API).
 Boxes become xyxy training targets clipped to their image; crowd regions are never targets (evaluation reads
-them from the json itself).
+them from the json itself). An object's ``segmentation`` polygons travel with its box (copy-paste pastes by
+them); RLE masks and malformed polygons are noted and leave the object with none.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from sta_lightning.data.errors import EXAMPLES_SHOWN, AnnotationError, warn_data
 
@@ -89,16 +92,20 @@ def read_categories(path: str | Path) -> tuple[tuple[int, ...], tuple[str, ...]]
 @dataclass
 class COCOInstances:
     """The checked content of an instances json: categories (ids sorted, names), ``images`` id -> (file
-    name, height, width), ``boxes_of`` id -> [(x1, y1, x2, y2, class index)] clipped to the image, and what
-    was dropped, clipped or left out (crowd regions)."""
+    name, height, width), ``boxes_of`` id -> [(x1, y1, x2, y2, class index)] clipped to the image,
+    ``polygons_of`` id -> per box, its polygons ((k, 2) float32 xy pixels each, none for an object without
+    them), and what was dropped, clipped or left out (crowd regions; ``polygon_issues``: RLE masks and
+    malformed polygons, read as none)."""
 
     category_ids: tuple[int, ...]
     class_names: tuple[str, ...]
     images: dict[int, tuple[str, int, int]]
     boxes_of: dict[int, list[tuple[float, float, float, float, int]]]
+    polygons_of: dict[int, list[list[np.ndarray]]] = field(default_factory=dict)
     num_crowd: int = 0
     dropped_boxes: list[str] = field(default_factory=list)
     clipped_boxes: list[str] = field(default_factory=list)
+    polygon_issues: list[str] = field(default_factory=list)
 
 
 def clip_to_image(bbox: list[float], width: int, height: int) -> tuple[float, float, float, float] | None:
@@ -106,6 +113,28 @@ def clip_to_image(bbox: list[float], width: int, height: int) -> tuple[float, fl
     x, y, w, h = (float(v) for v in bbox)
     x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))
     return None if x2 <= x1 or y2 <= y1 else (x1, y1, x2, y2)
+
+
+def parse_polygons(segmentation: object, where: str, issues: list[str]) -> list[np.ndarray]:
+    """An annotation's ``segmentation`` -> its polygons, (k, 2) float32 xy pixels each (k >= 3). None
+    (absent) reads as no polygon; an RLE mask, or a polygon that is not an even count of at least 6
+    finite numbers, reads as none too, with a line in ``issues`` naming ``where``."""
+    if segmentation is None or segmentation == []:
+        return []
+    if isinstance(segmentation, dict):
+        issues.append(f"{where} segmentation is an RLE mask")
+        return []
+    polygons = segmentation if isinstance(segmentation, list) else [segmentation]
+    for k, polygon in enumerate(polygons):
+        if not (
+            isinstance(polygon, list)
+            and len(polygon) >= 6
+            and len(polygon) % 2 == 0
+            and all(_is_number(v) and math.isfinite(v) for v in polygon)
+        ):
+            issues.append(f"{where} segmentation[{k}] is not an even count of at least 6 numbers")
+            return []
+    return [np.asarray(polygon, dtype=np.float32).reshape(-1, 2) for polygon in polygons]
 
 
 def warn_box_fixes(name: str, dropped: list[str], clipped: list[str]) -> None:
@@ -142,9 +171,11 @@ def read_instances(annotation_file: Path) -> COCOInstances:
         images[image_id] = (file_name, height, width)
 
     boxes_of: dict[int, list[tuple[float, float, float, float, int]]] = {image_id: [] for image_id in images}
+    polygons_of: dict[int, list[list[np.ndarray]]] = {image_id: [] for image_id in images}
     num_crowd = 0
     dropped: list[str] = []
     clipped: list[str] = []
+    polygon_issues: list[str] = []
     for i, annotation in enumerate(data["annotations"]):
         where = f"annotations[{i}]"
         annotation_id = _require(annotation_file, where, annotation, "id", _is_int, "an integer")
@@ -190,5 +221,8 @@ def read_instances(annotation_file: Path) -> COCOInstances:
         if overrun > CLIP_TOLERANCE_PX:
             clipped.append(f"annotation {annotation_id} bbox {bbox} clipped to its {width}x{height} image")
         boxes_of[image_id].append((x1, y1, x2, y2, class_of[category_id]))
+        polygons_of[image_id].append(parse_polygons(annotation.get("segmentation"), where, polygon_issues))
 
-    return COCOInstances(category_ids, class_names, images, boxes_of, num_crowd, dropped, clipped)
+    return COCOInstances(
+        category_ids, class_names, images, boxes_of, polygons_of, num_crowd, dropped, clipped, polygon_issues
+    )

@@ -66,6 +66,10 @@ class AugmentConfig:
         last this many epochs.
     mixup: probability of blending a sample with a second one (mosaic and affine of its own), ratio from
         Beta(32, 32), the boxes of both kept.
+    copy_paste: on the mosaic canvas (or the single image), before the warp, objects are mirrored left-right
+        and pasted by their segmentation polygons where the mirror image covers less than 30 % of every
+        object's box; this fraction of those candidates (rounded) is pasted. Objects without polygons (boxes
+        only, RLE masks) are not pasted. Off with mosaic in the last ``close_mosaic`` epochs.
     degrees, translate, scale, shear, perspective: the random warp: rotation (+-degrees), translation
         (+-fraction of S), zoom (factor U[1 - scale, 1 + scale]), shear (+-degrees in x and in y) and
         perspective (+-this coefficient of the projective row, in 1/pixels: 0.0001 to 0.001 is mild at 640).
@@ -89,6 +93,7 @@ class AugmentConfig:
     mosaic: float = 1.0
     close_mosaic: int = 10
     mixup: float = 0.0
+    copy_paste: float = 0.0
     degrees: float = 0.0
     translate: float = 0.1
     scale: float = 0.5

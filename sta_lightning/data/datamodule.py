@@ -192,6 +192,8 @@ class COCODataModule(L.LightningDataModule):
             )
         if name != "train":
             return COCODetectionDataset(index, self.image_size)
+        if self.augment.copy_paste > 0:
+            index.warn_missing_polygons()
         augmentation = TrainAugmentation(self.image_size, self.augment)
         dataset = COCODetectionDataset(
             index,

@@ -32,14 +32,14 @@ class COCODetectionDataset(Dataset):
     """Images and targets of a COCOIndex at input size S: letterboxed, or augmented by ``augmentation``.
 
     ``mosaic`` is the probability of a 4-image mosaic for a training sample and ``mixup`` that of blending it
-    with a second rendered sample (partner uniform over the dataset, share of the first from Beta(32, 32),
-    the boxes of both). A mosaic's three other images are uniform over the dataset, or with ``mosaic_group``
-    L over the L images of its group: positions [kL, (k + 1)L) of the epoch's order (``epoch_order``, the
-    sampler's), whose decoded images the dataset keeps (the last 2L in each process: about 2L x S x S x 3
-    bytes) so that a group's images are decoded once. ``mosaic_enabled`` (set through the datamodule's
-    ``set_epoch``) switches mosaic and mixup off for the last epochs, as the reference's close_mosaic does.
-    ``epoch`` and ``mosaic_enabled`` live in shared memory, so persistent DataLoader workers read what the
-    main process sets.
+    with a second rendered sample (partner uniform over the dataset, share of the first from Beta(32, 32), the
+    boxes of both); the augmentation's copy-paste reads the objects' polygons from the index. A mosaic's three
+    other images are uniform over the dataset, or with ``mosaic_group`` L over the L images of its group:
+    positions [kL, (k + 1)L) of the epoch's order (``epoch_order``, the sampler's), whose decoded images the
+    dataset keeps (the last 2L in each process: about 2L x S x S x 3 bytes) so that a group's images are
+    decoded once. ``mosaic_enabled`` (set through the datamodule's ``set_epoch``) switches mosaic, mixup and
+    copy-paste off for the last epochs, as the reference's close_mosaic does. ``epoch`` and ``mosaic_enabled``
+    live in shared memory, so persistent DataLoader workers read what the main process sets.
 
     The random draws of training sample i (mosaic or not, its partners, the whole augmentation) are a
     function of (``seed``, ``epoch``, i) alone: the same on any process, in any DataLoader worker, whatever
@@ -158,6 +158,11 @@ class COCODetectionDataset(Dataset):
         boxes, labels = self.index.targets(i)
         return boxes * np.float32(self.ratio(i)), labels.copy()
 
+    def load_polygons(self, i: int) -> list[list[np.ndarray]]:
+        """Per box of ``load_targets(i)``, its polygons: (k, 2) float32 xy pixels at long side S."""
+        ratio = np.float32(self.ratio(i))
+        return [[polygon * ratio for polygon in shapes] for shapes in self.index.polygons(i)]
+
     def load_resized(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Image i resized to long side S, its boxes (n, 4) in resized pixels and labels (n,)."""
         return self.load_image(i), *self.load_targets(i)
@@ -175,12 +180,13 @@ class COCODetectionDataset(Dataset):
         indices = [i]
         if self.mosaic_enabled and self.mosaic > 0 and rng.random() < self.mosaic:
             indices += self.mosaic_partners(i, rng)
-        plan = self.augmentation.plan([self.resized_shape(j) for j in indices])
+        plan = self.augmentation.plan([self.resized_shape(j) for j in indices], paste=self.mosaic_enabled)
         images = [
             self.load_image(j) if shown else None for j, shown in zip(indices, plan.visible, strict=True)
         ]
         boxes, labels = zip(*(self.load_targets(j) for j in indices), strict=True)
-        return rng, plan, self.augmentation.render(plan, images, list(boxes), list(labels))
+        polygons = [self.load_polygons(j) for j in indices] if plan.paste_seed is not None else None
+        return rng, plan, self.augmentation.render(plan, images, list(boxes), list(labels), polygons)
 
     def __getitem__(self, i: int) -> dict:
         if self.augmentation is None:

@@ -23,7 +23,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 CACHE_DIR_ENV = "STA_LIGHTNING_CACHE_DIR"
-_CACHE_FORMAT = 2
+_CACHE_FORMAT = 3
 
 
 def cache_dir() -> Path:

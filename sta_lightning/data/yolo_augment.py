@@ -14,6 +14,9 @@ a hue shift instead of a hue gain), so these reproduce what the reference does:
   of an S x S output. On a 2S mosaic canvas a zoomed-out output shows more of the canvas, not grey. Boxes
   keep the reference's candidates: both sides > 2 px, aspect ratio < 100 and more than 10 % of the box's
   area (times scale^2) left after clipping.
+- copy-paste (``copy_paste``): on the mosaic canvas (or the single image) before the warp, objects are
+  mirrored left-right within it and pasted by their polygons where the mirror image covers less than 30 % of
+  every object's box; a ``fraction`` of those candidates, rounded, is pasted.
 - ``HSVGain``: hue, saturation and value multiplied by gains drawn from U[1 - g, 1 + g] (OpenCV HSV, hue in
   0..179, wrapping), through lookup tables.
 
@@ -34,11 +37,15 @@ from albumentations.augmentations.mixing.functional import preprocess_selected_m
 from albumentations.core.bbox_utils import denormalize_bboxes, normalize_bboxes
 from albumentations.core.transforms_interface import DualTransform, ImageOnlyTransform
 
+from sta_lightning.geometry import box_area, box_intersection
+
 MIN_BOX_SIDE = 2.0
 """Pixels: a box whose side is not longer than this after the affine is dropped."""
 MAX_ASPECT_RATIO = 100.0
 MIN_AREA_FRACTION = 0.1
 """A box keeps more than this fraction of its area (scaled by the affine) after clipping, or is dropped."""
+MAX_PASTE_OVERLAP = 0.3
+"""Copy-paste: a mirrored object is a candidate when it covers under this fraction of every object's box."""
 
 Rect = tuple[int, int, int, int]
 """(x1, y1, x2, y2) in pixels, x2 and y2 exclusive."""
@@ -213,6 +220,40 @@ def box_candidates(before: np.ndarray, after: np.ndarray, gain: float) -> np.nda
         & (w1 * h1 / (w0 * h0 + 1e-16) > MIN_AREA_FRACTION)
         & (aspect < MAX_ASPECT_RATIO)
     )
+
+
+def copy_paste(
+    image: np.ndarray,
+    region: Rect,
+    boxes: np.ndarray,
+    polygons: list[list[np.ndarray]],
+    fraction: float,
+    rng: random.Random,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's copy-paste, in place on ``image`` (H, W, 3): objects mirrored left-right within
+    ``region`` (the mosaic canvas, or the single image's part of it) and pasted by their polygons.
+
+    ``boxes`` (n, 4) xyxy and ``polygons`` (per box, (k, 2) xy arrays; none for an object without) are
+    pixels of ``image``. A mirrored object with polygons is a candidate when it covers less than 30 % of
+    every object's box (its own included); ``round(fraction * candidates)`` of them, drawn by ``rng``, are
+    pasted: the mirror image's pixels inside their mirrored polygons replace the image's. Returns the
+    pasted objects' indices (k,) and their mirrored boxes (k, 4), in the order drawn.
+    """
+    x1, y1, x2, y2 = region
+    mirrored = boxes.copy()
+    mirrored[:, 0], mirrored[:, 2] = x1 + x2 - boxes[:, 2], x1 + x2 - boxes[:, 0]
+    cover = box_intersection(mirrored, boxes) / (box_area(boxes) + 1e-7)
+    candidates = [int(j) for j in np.flatnonzero((cover < MAX_PASTE_OVERLAP).all(1)) if polygons[j]]
+    chosen = rng.sample(candidates, k=round(fraction * len(candidates)))
+    if chosen:
+        mask = np.zeros(image.shape[:2], np.uint8)
+        for j in chosen:
+            for polygon in polygons[j]:
+                cv2.fillPoly(mask, [polygon.astype(np.int32)], 1)
+        part = image[y1:y2, x1:x2]
+        pasted = cv2.flip(mask[y1:y2, x1:x2], 1).astype(bool)
+        part[pasted] = cv2.flip(part, 1)[pasted]
+    return np.asarray(chosen, dtype=np.int64), mirrored[chosen].reshape(-1, 4)
 
 
 class YOLOMosaic(DualTransform):

@@ -12,25 +12,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from sta_lightning.geometry import box_area, box_intersection
+
 CONFIDENCE = 0.25  # the detections drawn in the matrix, as the reference implementation draws it
 IOU = 0.45
 
 
 def box_iou(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
     """(n, 4) and (m, 4) x1, y1, x2, y2 boxes -> (n, m) intersection over union."""
-    intersection = _intersection(boxes, others)
-    area = _area(boxes)[:, None] + _area(others)[None, :] - intersection
+    intersection = box_intersection(boxes, others)
+    area = box_area(boxes)[:, None] + box_area(others)[None, :] - intersection
     return np.divide(intersection, area, out=np.zeros_like(intersection), where=area > 0)
-
-
-def _area(boxes: np.ndarray) -> np.ndarray:
-    return (boxes[:, 2] - boxes[:, 0]).clip(0) * (boxes[:, 3] - boxes[:, 1]).clip(0)
-
-
-def _intersection(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
-    top_left = np.maximum(boxes[:, None, :2], others[None, :, :2])
-    bottom_right = np.minimum(boxes[:, None, 2:], others[None, :, 2:])
-    return (bottom_right - top_left).clip(0).prod(axis=2)
 
 
 def image_confusion_matrix(
@@ -72,7 +64,7 @@ def image_confusion_matrix(
     np.add.at(matrix[:, num_classes], truth_classes[~truth_matched], 1)
     unmatched = ~detection_matched
     if crowd_boxes is not None and len(crowd_boxes) and unmatched.any():
-        inside = _intersection(detections[:, :4], crowd_boxes) > iou * _area(detections[:, :4])[:, None]
+        inside = box_intersection(detections[:, :4], crowd_boxes) > iou * box_area(detections[:, :4])[:, None]
         unmatched &= ~inside.any(axis=1)
     np.add.at(matrix[num_classes], predicted[unmatched], 1)
     return matrix
