@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 
 from sta_lightning.data import AugmentConfig, COCODataModule, DemoDataModule, LoaderConfig, Split
@@ -121,8 +122,12 @@ def fit_ours(args: argparse.Namespace, variant: str, seed: int, pretrained: str 
     return {"map": float(metrics["val/mAP"]), "map50": float(metrics["val/mAP50"]), "seconds": seconds}
 
 
-def write_yolo_layout(index, split: str, root: Path) -> list[str]:
-    """Image links and YOLO txt labels (class cx cy w h, normalised) of a COCOIndex under root; the paths."""
+def write_yolo_layout(index, split: str, root: Path, polygons: bool = False) -> list[str]:
+    """Image links and YOLO txt labels (class cx cy w h, normalised) of a COCOIndex under root; the paths.
+
+    With ``polygons``, polygon lines (class x1 y1 x2 y2 ..., normalised) instead, as the reference's
+    segment labels: an object's polygons joined into one point list, its box's corners where it has none
+    (the reference drops every polygon of a dataset in which some lines are boxes)."""
     images, labels = root / "images" / split, root / "labels" / split
     images.mkdir(parents=True, exist_ok=True)
     labels.mkdir(parents=True, exist_ok=True)
@@ -134,10 +139,20 @@ def write_yolo_layout(index, split: str, root: Path) -> list[str]:
             link.symlink_to(source)
         h, w = (float(v) for v in index.sizes[i])
         boxes, classes = index.targets(i)
-        lines = [
-            f"{c} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}"
-            for (x1, y1, x2, y2), c in zip(boxes.tolist(), classes.tolist(), strict=True)
-        ]
+        if polygons:
+            outlines = [
+                np.concatenate(shapes) if shapes else np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]])
+                for shapes, (x1, y1, x2, y2) in zip(index.polygons(i), boxes.tolist(), strict=True)
+            ]
+            lines = [
+                f"{c} " + " ".join(f"{v:.6f}" for v in (points / (w, h)).reshape(-1))
+                for points, c in zip(outlines, classes.tolist(), strict=True)
+            ]
+        else:
+            lines = [
+                f"{c} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}"
+                for (x1, y1, x2, y2), c in zip(boxes.tolist(), classes.tolist(), strict=True)
+            ]
         (labels / f"{link.stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
         paths.append(str(link))
     return paths

@@ -1,17 +1,20 @@
 """Each augmentation option's training samples against the reference YOLOv8's on the same images, side by
 side: boxes per sample, grey fraction, box size quartiles (sqrt of the area, px) and mean box centre height
 (fraction of S), with the ratio ours / reference and each side's change from its default recipe (the first
-option run).
+option run on the same labels).
 
 Usage:
     python benchmarks/augment_stats.py --reference-python REF/bin/python [--samples 1024] [--image-size 640]
 
 Default data: coco128 (../shared/data). Every option runs alone on the default recipe (mosaic 1.0, affine
 translate 0.1 and scale 0.5, flip lr 0.5), with the HSV gains off on both sides so that grey padding stays
-exactly 114. Samples: ``--samples`` per option and side, shuffled epochs; the reference draws its mosaic and
-mixup partners from its buffer of recent images, this project uniformly from the dataset, so on 128 images
-the two select alike. The reference runs in its own venv (``python -m venv ref && ref/bin/pip install
-ultralytics==8.2.103``), through benchmarks/reference_augment.py.
+exactly 114. Copy-paste needs polygons: its rows, and a default recipe beside them, give the reference polygon
+labels (from which it also derives its boxes after the warp, keeping boxes down to 1 % of their area instead
+of 10 %: its default recipe differs on them; this project always warps the boxes). Samples: ``--samples`` per
+option and side, shuffled epochs; the reference draws its mosaic and mixup partners from its buffer of recent
+images, this project uniformly from the dataset, so on 128 images the two select alike. The reference runs in
+its own venv (``python -m venv ref && ref/bin/pip install ultralytics==8.2.103``), through
+benchmarks/reference_augment.py.
 """
 
 from __future__ import annotations
@@ -43,7 +46,11 @@ OPTIONS = {
     "degrees 10": {"degrees": 10.0},
     "shear 10": {"shear": 10.0},
     "perspective 0.001": {"perspective": 0.001},
+    "default recipe, polygon labels": {},
+    "copy_paste 1.0": {"copy_paste": 1.0},
 }
+POLYGON_LABELS = {"default recipe, polygon labels", "copy_paste 1.0"}
+"""Options whose reference side reads polygon labels."""
 
 
 def our_numbers(index, size: int, option: dict, samples: int, seed: int) -> list[dict]:
@@ -115,17 +122,18 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as workdir:
         workdir = Path(workdir)
-        write_yolo_layout(index, "train", workdir / "yolo")
+        write_yolo_layout(index, "train", workdir / "boxes")
+        write_yolo_layout(index, "train", workdir / "polygons", polygons=True)
         print("| option | statistic | ours | reference | ratio | ours / default | reference / default |")
         print("|---|---|---|---|---|---|---|")
-        defaults = None
+        defaults = {}
         for name in args.options:
-            option = OPTIONS[name]
+            option, labels = OPTIONS[name], "polygons" if name in POLYGON_LABELS else "boxes"
             ours = summary(our_numbers(index, args.image_size, option, args.samples, args.seed))
             reference = summary(
                 reference_numbers(
                     args.reference_python,
-                    workdir / "yolo/images/train",
+                    workdir / labels / "images/train",
                     args.image_size,
                     option,
                     args.samples,
@@ -133,9 +141,9 @@ def main() -> None:
                     workdir,
                 )
             )
-            defaults = defaults or (ours, reference)
+            default = defaults.setdefault(labels, (ours, reference))
             for statistic, value in ours.items():
-                effects = (value / defaults[0][statistic], reference[statistic] / defaults[1][statistic])
+                effects = (value / default[0][statistic], reference[statistic] / default[1][statistic])
                 print(
                     f"| {name} | {statistic} | {value:.4f} | {reference[statistic]:.4f} "
                     f"| {value / reference[statistic]:.3f} | {effects[0]:.3f} | {effects[1]:.3f} |",
