@@ -3,15 +3,15 @@ weights (raw and EMA, parameters and buffers) and validation metrics of 1 proces
 2 devices on one machine, as 2 nodes through scripts/torchrun_train.sh, and as 2 nodes under SLURM.
 
 The fit: 8 training images (one batch of 8, or one of 4 per process, is the whole epoch, so both see the same
-images in every step whatever the sampler), mosaic (partners from groups of 4), mixup and multi-scale on and
-the rest of the augmentation off, nominal batch 32 (4 batches summed per optimizer step, no warmup), 12 epochs
-= 3 optimizer steps, validation in rect batches (7 images: one batch of 7, or two slices of 4, the second
-padded with a repeat), no gradient clipping (which would hide a wrong loss scale), from a checkpoint whose
-target scores exceed 1 (so that normalising the loss per process would show). In float64 (precision 64-true),
-so that the comparison measures the algebra (loss scale by world size, loss normalisation over processes,
-weight decay and accumulation for the total batch, synchronised BatchNorm), not float32 rounding: in float32
-the same runs differ by ~1e-7 in parameters but up to ~2e-4 in BatchNorm running variances of magnitude ~150
-(relative 1e-6).
+images in every step whatever the sampler), mosaic (partners from groups of 4), mixup, copy-paste and
+multi-scale on and the rest of the augmentation off, nominal batch 32 (4 batches summed per optimizer step, no
+warmup), 12 epochs = 3 optimizer steps, validation in rect batches (7 images: one batch of 7, or two slices of
+4, the second padded with a repeat), no gradient clipping (which would hide a wrong loss scale), from a
+checkpoint whose target scores exceed 1 (so that normalising the loss per process would show). In float64
+(precision 64-true), so that the comparison measures the algebra (loss scale by world size, loss normalisation
+over processes, weight decay and accumulation for the total batch, synchronised BatchNorm), not float32
+rounding: in float32 the same runs differ by ~1e-7 in parameters but up to ~2e-4 in BatchNorm running
+variances of magnitude ~150 (relative 1e-6).
 """
 
 import os
@@ -47,6 +47,7 @@ def fit_config(tmp_path_factory) -> Path:
     augmentation = ("degrees", "translate", "scale", "hsv_h", "hsv_s", "hsv_v", "fliplr")
     recipe = {**dict.fromkeys(augmentation, 0.0), "mosaic": 1.0, "mixup": 1.0, "close_mosaic": 0}
     recipe["multi_scale"] = True
+    recipe["copy_paste"] = 0.5
     recipe["mosaic_group"] = 4  # mosaic partners from groups of 4 consecutive images of the epoch's order
     config = {
         "seed_everything": 0,

@@ -2,8 +2,8 @@
 ``last.ckpt`` (or, under SLURM, requeued and resumed from its ``hpc_ckpt``) ends with the weights, optimizer
 state and metrics of the uninterrupted fit, bit for bit, on 1 process and on 2 DDP processes.
 
-The fits have mosaic (partners from groups of 2 images, which the dataset keeps decoded), mixup and
-multi-scale on, the close_mosaic switch after the kill, drop path in the STA block (the model draws from
+The fits have mosaic (partners from groups of 2 images, which the dataset keeps decoded), mixup, copy-paste
+and multi-scale on, the close_mosaic switch after the kill, drop path in the STA block (the model draws from
 torch's generator), a warmup that ramps the accumulation and an accumulation open at epoch ends.
 """
 
@@ -75,6 +75,7 @@ def fit_command(demo_root: Path, run_dir: Path, *extra: str, wandb: bool = False
         "--data.loader.num_workers=0",
         "--data.augment.close_mosaic=1",
         "--data.augment.mixup=0.5",
+        "--data.augment.copy_paste=0.5",
         "--data.augment.multi_scale=true",
         "--data.augment.mosaic_group=2",
         *extra,
