@@ -10,11 +10,11 @@ Default data: coco128 (../shared/data). Every option runs alone on the default r
 translate 0.1 and scale 0.5, flip lr 0.5), with the HSV gains off on both sides so that grey padding stays
 exactly 114. Copy-paste needs polygons: its rows, and a default recipe beside them, give the reference polygon
 labels (from which it also derives its boxes after the warp, keeping boxes down to 1 % of their area instead
-of 10 %: its default recipe differs on them; this project always warps the boxes). Samples: ``--samples`` per
-option and side, shuffled epochs; the reference draws its mosaic and mixup partners from its buffer of recent
-images, this project uniformly from the dataset, so on 128 images the two select alike. The reference runs in
-its own venv (``python -m venv ref && ref/bin/pip install ultralytics==8.2.103``), through
-benchmarks/reference_augment.py.
+of 10 %: its default recipe differs on them; this project does so with ``polygon_boxes``, and warps box
+corners without). Samples: ``--samples`` per option and side, shuffled epochs; the reference draws its mosaic
+and mixup partners from its buffer of recent images, this project uniformly from the dataset, so on 128 images
+the two select alike. The reference runs in its own venv (``python -m venv ref && ref/bin/pip install
+ultralytics==8.2.103``), through benchmarks/reference_augment.py.
 """
 
 from __future__ import annotations
@@ -48,9 +48,17 @@ OPTIONS = {
     "perspective 0.001": {"perspective": 0.001},
     "default recipe, polygon labels": {},
     "copy_paste 1.0": {"copy_paste": 1.0},
+    "polygon_boxes": {"polygon_boxes": True},
+    "copy_paste 1.0, polygon_boxes": {"copy_paste": 1.0, "polygon_boxes": True},
 }
-POLYGON_LABELS = {"default recipe, polygon labels", "copy_paste 1.0"}
-"""Options whose reference side reads polygon labels."""
+POLYGON_LABELS = {
+    "default recipe, polygon labels",
+    "copy_paste 1.0",
+    "polygon_boxes",
+    "copy_paste 1.0, polygon_boxes",
+}
+"""Options whose reference side reads polygon labels (from which it derives its boxes, as ``polygon_boxes``
+makes this project do; the reference has no such option)."""
 
 
 def our_numbers(index, size: int, option: dict, samples: int, seed: int) -> list[dict]:
@@ -81,7 +89,7 @@ def reference_numbers(
         "image_size": size,
         "samples": samples,
         "seed": seed,
-        "hyp": {**COLOUR_OFF, **option},
+        "hyp": {**COLOUR_OFF, **{name: value for name, value in option.items() if name != "polygon_boxes"}},
     }
     job_file = workdir / "augment_job.json"
     job_file.write_text(json.dumps(job))

@@ -325,6 +325,30 @@ def test_copy_paste_adds_mirrored_objects_to_demo_samples_and_stops_with_mosaic(
         assert torch.equal(pasting[i]["boxes"], plain[i]["boxes"])
 
 
+def test_polygon_boxes_enclose_the_warped_polygon_inside_the_output():
+    # A white triangle rotated alone (no mosaic): its polygon box is the white pixels' box within 2 px (the
+    # fill covers its edge pixels; interpolation), while the warped corners of its box enclose more.
+    config = AugmentConfig(degrees=45.0, scale=0.2, **COLOUR_OFF, fliplr=0.0, polygon_boxes=True)
+    augmentation = TrainAugmentation(SIZE, config)
+    image = np.full((SIZE, SIZE, 3), PAD_VALUE, np.uint8)
+    triangle = np.array([[40, 40], [120, 40], [40, 120]], np.float32)
+    cv2.fillPoly(image, [triangle.astype(np.int32)], (255, 255, 255))
+    box = np.array([[40.0, 40.0, 120.0, 120.0]])
+    tighter = 0
+    for seed in range(20):
+        augmentation.reseed(seed)
+        plan = augmentation.plan([(SIZE, SIZE)])
+        out, boxes, _ = augmentation.render(plan, [image], [box], [np.array([0])], [[[triangle]]])
+        _, corner_boxes, _ = augmentation.render(plan, [image], [box], [np.array([0])])
+        ys, xs = np.nonzero((out == 255).all(-1))
+        mask_box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
+        assert len(boxes) == 1 and np.abs(boxes[0] - mask_box).max() <= 2.0, (seed, boxes[0], mask_box)
+        tighter += np.prod(boxes[0, 2:] - boxes[0, :2]) < 0.9 * np.prod(
+            corner_boxes[0, 2:] - corner_boxes[0, :2]
+        )
+    assert tighter > 10
+
+
 def test_objects_without_polygons_are_reported_once_when_copy_paste_is_on(tmp_path):
     images = tmp_path / "images"
     images.mkdir()

@@ -70,6 +70,9 @@ class AugmentConfig:
         and pasted by their segmentation polygons where the mirror image covers less than 30 % of every
         object's box; this fraction of those candidates (rounded) is pasted. Objects without polygons (boxes
         only, RLE masks) are not pasted. Off with mosaic in the last ``close_mosaic`` epochs.
+    polygon_boxes: an object with polygons gets its box after the warp from them, as the reference does on
+        polygon labels: the enclosing box of the warped polygon's points (1000 per polygon) inside the output,
+        kept down to 1 % of its scaled area (10 % for boxes). Off: every box is warped by its corners.
     degrees, translate, scale, shear, perspective: the random warp: rotation (+-degrees), translation
         (+-fraction of S), zoom (factor U[1 - scale, 1 + scale]), shear (+-degrees in x and in y) and
         perspective (+-this coefficient of the projective row, in 1/pixels: 0.0001 to 0.001 is mild at 640).
@@ -94,6 +97,7 @@ class AugmentConfig:
     close_mosaic: int = 10
     mixup: float = 0.0
     copy_paste: float = 0.0
+    polygon_boxes: bool = False
     degrees: float = 0.0
     translate: float = 0.1
     scale: float = 0.5

@@ -185,7 +185,8 @@ class COCODetectionDataset(Dataset):
             self.load_image(j) if shown else None for j, shown in zip(indices, plan.visible, strict=True)
         ]
         boxes, labels = zip(*(self.load_targets(j) for j in indices), strict=True)
-        polygons = [self.load_polygons(j) for j in indices] if plan.paste_seed is not None else None
+        needed = plan.paste_seed is not None or self.augmentation.augment.polygon_boxes
+        polygons = [self.load_polygons(j) for j in indices] if needed else None
         return rng, plan, self.augmentation.render(plan, images, list(boxes), list(labels), polygons)
 
     def __getitem__(self, i: int) -> dict:

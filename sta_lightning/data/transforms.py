@@ -187,13 +187,18 @@ class TrainAugmentation:
         on_canvas_labels = np.concatenate(
             [np.asarray(labels[k])[keep] for _, keep, k in rows] or [np.zeros(0, np.int64)]
         )
-        if plan.paste_seed is not None and polygons is not None:
-            # the window is the whole canvas (``plan``): canvas pixels are window pixels
+        on_canvas_polygons = None
+        if polygons is not None:  # placed, and clipped to their image's cell as the boxes are
             on_canvas_polygons = []
             for _, keep, k in rows:
-                (x, y, _, _), (u, v, _, _) = plan.cells[k]
+                (x, y, x_end, y_end), (u, v, _, _) = plan.cells[k]
                 shift = np.array([x - u, y - v], dtype=np.float32)
-                on_canvas_polygons += [[p + shift for p in polygons[k][j]] for j in np.flatnonzero(keep)]
+                on_canvas_polygons += [
+                    [(p + shift).clip((x, y), (x_end, y_end)) for p in polygons[k][j]]
+                    for j in np.flatnonzero(keep)
+                ]
+        if plan.paste_seed is not None and on_canvas_polygons is not None:
+            # the window is the whole canvas (``plan``): canvas pixels are window pixels
             region = (0, 0, *plan.canvas_hw[::-1]) if len(plan.shapes) == 4 else plan.cells[0][0]
             pasted, pasted_boxes = copy_paste(
                 window,
@@ -205,8 +210,16 @@ class TrainAugmentation:
             )
             on_canvas = np.concatenate([on_canvas, pasted_boxes])
             on_canvas_labels = np.concatenate([on_canvas_labels, on_canvas_labels[pasted]])
+            flip, shift = np.array([-1, 1], np.float32), np.array([region[0] + region[2], 0], np.float32)
+            on_canvas_polygons += [[p * flip + shift for p in on_canvas_polygons[j]] for j in pasted.tolist()]
         image = warp(window, plan.matrix, self.size, PAD_VALUE, origin=(x1, y1))
-        out_boxes, keep = affine_boxes(on_canvas, plan.matrix, plan.gain, self.size)
+        out_boxes, keep = affine_boxes(
+            on_canvas,
+            plan.matrix,
+            plan.gain,
+            self.size,
+            on_canvas_polygons if self.augment.polygon_boxes else None,
+        )
         return image, out_boxes, on_canvas_labels[keep]
 
     def finish(

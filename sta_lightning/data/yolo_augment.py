@@ -44,6 +44,10 @@ MIN_BOX_SIDE = 2.0
 MAX_ASPECT_RATIO = 100.0
 MIN_AREA_FRACTION = 0.1
 """A box keeps more than this fraction of its area (scaled by the affine) after clipping, or is dropped."""
+MIN_POLYGON_AREA_FRACTION = 0.01
+"""The same for a box derived from its object's warped polygon (the reference's rule on polygon labels)."""
+POLYGON_POINTS = 1000
+"""Points per polygon along which a warped polygon's box is measured (the reference resamples to 1000)."""
 MAX_PASTE_OVERLAP = 0.3
 """Copy-paste: a mirrored object is a candidate when it covers under this fraction of every object's box."""
 
@@ -190,34 +194,64 @@ def warp(
     return cv2.warpAffine(image, affine, dsize=(size, size), **options)
 
 
+def map_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """(..., 2) xy pixels of the input -> the same under the (3, 3) warp ``matrix``, float64."""
+    homogeneous = np.concatenate([points, np.ones_like(points[..., :1])], axis=-1).astype(np.float64)
+    if is_projective(matrix):
+        projected = homogeneous @ matrix.T
+        return projected[..., :2] / projected[..., 2:]
+    return homogeneous @ matrix[:2].T
+
+
+def resample_polygon(polygon: np.ndarray, count: int = POLYGON_POINTS) -> np.ndarray:
+    """(k, 2) polygon -> (count, 2) points along it, closed, evenly spaced in vertex index (the reference's
+    resampling: an edge gets the same share of points whatever its length)."""
+    closed = np.concatenate([polygon, polygon[:1]]).astype(np.float64)
+    at, vertices = np.linspace(0, len(closed) - 1, count), np.arange(len(closed))
+    return np.stack([np.interp(at, vertices, closed[:, 0]), np.interp(at, vertices, closed[:, 1])], 1)
+
+
 def affine_boxes(
-    boxes: np.ndarray, matrix: np.ndarray, gain: float, size: int
+    boxes: np.ndarray,
+    matrix: np.ndarray,
+    gain: float,
+    size: int,
+    polygons: list[list[np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(n, 4) xyxy pixel boxes of the input -> (m, 4) float64 boxes in the (S, S) output (the mapped corners'
-    enclosing box, clipped) and (n,) bool: the m kept by ``box_candidates``."""
+    enclosing box, clipped) and (n,) bool: the m kept by ``box_candidates``.
+
+    With ``polygons`` (per box, its (k, 2) xy polygons; none for a box without), a box with polygons becomes
+    the reference's polygon box instead: the enclosing box of its polygons' points (``resample_polygon``)
+    that the warp maps inside the output, kept down to ``MIN_POLYGON_AREA_FRACTION`` of its scaled area."""
     x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
-    corners = np.stack(
-        [np.stack([x, y, np.ones_like(x)], 1) for x, y in ((x1, y1), (x2, y1), (x1, y2), (x2, y2))]
+    mapped = map_points(
+        np.stack([np.stack([x, y], 1) for x, y in ((x1, y1), (x2, y1), (x1, y2), (x2, y2))]), matrix
     )
-    if is_projective(matrix):
-        projected = corners @ matrix.T  # (4, n, 3)
-        mapped = projected[..., :2] / projected[..., 2:]
-    else:
-        mapped = corners @ matrix[:2].T  # (4, n, 2)
     new = np.concatenate([mapped.min(0), mapped.max(0)], axis=1).clip(0, size)
-    keep = box_candidates(boxes, new, gain)
+    area_fraction = np.full(len(boxes), MIN_AREA_FRACTION)
+    for j, shapes in enumerate(polygons or []):
+        if shapes:
+            points = map_points(np.concatenate([resample_polygon(p) for p in shapes]), matrix)
+            inside = points[((points >= 0) & (points <= size)).all(1)]
+            new[j] = np.concatenate([inside.min(0), inside.max(0)]) if len(inside) else 0.0
+            area_fraction[j] = MIN_POLYGON_AREA_FRACTION
+    keep = box_candidates(boxes, new, gain, area_fraction)
     return new[keep], keep
 
 
-def box_candidates(before: np.ndarray, after: np.ndarray, gain: float) -> np.ndarray:
-    """(n, 4) xyxy boxes before and after an affine of scale ``gain`` -> (n,) bool: the ones to keep."""
+def box_candidates(
+    before: np.ndarray, after: np.ndarray, gain: float, area_fraction: float | np.ndarray = MIN_AREA_FRACTION
+) -> np.ndarray:
+    """(n, 4) xyxy boxes before and after an affine of scale ``gain`` -> (n,) bool: the ones to keep (sides
+    over 2 px, aspect ratio under 100, more than ``area_fraction`` (scalar or (n,)) of the scaled area)."""
     w0, h0 = (before[:, 2] - before[:, 0]) * gain, (before[:, 3] - before[:, 1]) * gain
     w1, h1 = after[:, 2] - after[:, 0], after[:, 3] - after[:, 1]
     aspect = np.maximum(w1 / (h1 + 1e-16), h1 / (w1 + 1e-16))
     return (
         (w1 > MIN_BOX_SIDE)
         & (h1 > MIN_BOX_SIDE)
-        & (w1 * h1 / (w0 * h0 + 1e-16) > MIN_AREA_FRACTION)
+        & (w1 * h1 / (w0 * h0 + 1e-16) > area_fraction)
         & (aspect < MAX_ASPECT_RATIO)
     )
 
