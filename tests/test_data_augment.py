@@ -287,11 +287,14 @@ def test_copy_paste_mirrors_objects_by_their_polygons_where_the_mirror_is_free()
     cv2.fillPoly(image, [square.astype(np.int32)], (0, 255, 0))
     boxes = np.array([[10, 10, 50, 60], [90, 70, 110, 90], [150, 70, 170, 90]], np.float64)
     original = image.copy()
-    pasted, mirrored = copy_paste(
+    pasted, mirrored, mirrored_polygons = copy_paste(
         image, (0, 0, 200, 100), boxes, [[triangle], [square], []], 1.0, random.Random(0)
     )
     assert pasted.tolist() == [0]
     assert mirrored.tolist() == [[150, 10, 190, 60]]
+    assert [[p.tolist() for p in shapes] for shapes in mirrored_polygons] == [
+        [[[190, 10], [150, 10], [190, 60]]]
+    ]
     changed = np.nonzero((image != original).any(-1))
     # filled polygons cover their edge pixels: the mirrored fill spans columns 199 - 50 to 199 - 10
     assert changed[1].min() == 149 and changed[1].max() == 189 and changed[0].min() == 10
@@ -299,7 +302,7 @@ def test_copy_paste_mirrors_objects_by_their_polygons_where_the_mirror_is_free()
     assert (image[55, 160] == 50).all()  # outside the mirrored triangle: untouched
     # Within a region (the single image's part of a padded canvas) the mirror is about the region's centre.
     image = original.copy()
-    pasted, mirrored = copy_paste(image, (0, 0, 100, 100), boxes[:1], [[triangle]], 1.0, random.Random(0))
+    pasted, mirrored, _ = copy_paste(image, (0, 0, 100, 100), boxes[:1], [[triangle]], 1.0, random.Random(0))
     assert mirrored.tolist() == [[50, 10, 90, 60]] and (image[15, 85] == (255, 0, 0)).all()
     assert (image[:, 100:] == original[:, 100:]).all()
     # round(fraction x candidates) objects are pasted: 0.5 of 1 rounds to 0, as Python's round does.
@@ -374,7 +377,10 @@ def test_objects_without_polygons_are_reported_once_when_copy_paste_is_on(tmp_pa
         warnings.simplefilter("always")
         index.warn_missing_polygons()
     (message,) = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
-    assert "3 of 4 objects have none (2 of them RLE masks or malformed polygons" in message
+    assert (
+        "3 of 4 objects have none and are not pasted (the file has 2 RLE masks or malformed polygons"
+        in message
+    )
     assert "annotation 2 segmentation is an RLE mask" in message
     assert "annotation 3 segmentation[0] is not an even count of at least 6 numbers" in message
 

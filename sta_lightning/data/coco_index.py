@@ -99,14 +99,15 @@ class COCOIndex:
         ]
 
     def warn_missing_polygons(self) -> None:
-        """One DataWarning, when there are any, for the objects that have no polygon to paste by."""
+        """One DataWarning, when there are any, for the objects that have no polygon to paste by. (The file's
+        RLE masks and malformed polygons are counted over all its objects, images left out included.)"""
         missing = int(np.count_nonzero(np.diff(self.polygon_starts) == 0))
         if missing:
             examples = "; ".join(self.polygon_issues[:EXAMPLES_SHOWN])
             warn_data(
                 f"{self.annotation_file.name}: copy-paste pastes objects by their segmentation polygons; "
-                f"{missing} of {len(self.labels)} objects have none ({len(self.polygon_issues)} of them RLE "
-                f"masks or malformed polygons, the rest boxes only) and are not pasted"
+                f"{missing} of {len(self.labels)} objects have none and are not pasted (the file has "
+                f"{len(self.polygon_issues)} RLE masks or malformed polygons among its objects)"
                 + (f". First: {examples}" if examples else "")
             )
 

@@ -101,7 +101,7 @@ class COCOInstances:
     class_names: tuple[str, ...]
     images: dict[int, tuple[str, int, int]]
     boxes_of: dict[int, list[tuple[float, float, float, float, int]]]
-    polygons_of: dict[int, list[list[np.ndarray]]] = field(default_factory=dict)
+    polygons_of: dict[int, list[list[np.ndarray]]]
     num_crowd: int = 0
     dropped_boxes: list[str] = field(default_factory=list)
     clipped_boxes: list[str] = field(default_factory=list)

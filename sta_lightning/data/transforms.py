@@ -200,7 +200,7 @@ class TrainAugmentation:
         if plan.paste_seed is not None and on_canvas_polygons is not None:
             # the window is the whole canvas (``plan``): canvas pixels are window pixels
             region = (0, 0, *plan.canvas_hw[::-1]) if len(plan.shapes) == 4 else plan.cells[0][0]
-            pasted, pasted_boxes = copy_paste(
+            pasted, pasted_boxes, pasted_polygons = copy_paste(
                 window,
                 region,
                 on_canvas,
@@ -210,8 +210,7 @@ class TrainAugmentation:
             )
             on_canvas = np.concatenate([on_canvas, pasted_boxes])
             on_canvas_labels = np.concatenate([on_canvas_labels, on_canvas_labels[pasted]])
-            flip, shift = np.array([-1, 1], np.float32), np.array([region[0] + region[2], 0], np.float32)
-            on_canvas_polygons += [[p * flip + shift for p in on_canvas_polygons[j]] for j in pasted.tolist()]
+            on_canvas_polygons += pasted_polygons
         image = warp(window, plan.matrix, self.size, PAD_VALUE, origin=(x1, y1))
         out_boxes, keep = affine_boxes(
             on_canvas,

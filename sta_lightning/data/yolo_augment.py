@@ -263,7 +263,7 @@ def copy_paste(
     polygons: list[list[np.ndarray]],
     fraction: float,
     rng: random.Random,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, list[list[np.ndarray]]]:
     """The reference's copy-paste, in place on ``image`` (H, W, 3): objects mirrored left-right within
     ``region`` (the mosaic canvas, or the single image's part of it) and pasted by their polygons.
 
@@ -271,11 +271,12 @@ def copy_paste(
     pixels of ``image``. A mirrored object with polygons is a candidate when it covers less than 30 % of
     every object's box (its own included); ``round(fraction * candidates)`` of them, drawn by ``rng``, are
     pasted: the mirror image's pixels inside their mirrored polygons replace the image's. Returns the
-    pasted objects' indices (k,) and their mirrored boxes (k, 4), in the order drawn.
+    pasted objects' indices (k,), their mirrored boxes (k, 4) and their mirrored polygons, in the order drawn.
     """
     x1, y1, x2, y2 = region
     mirrored = boxes.copy()
     mirrored[:, 0], mirrored[:, 2] = x1 + x2 - boxes[:, 2], x1 + x2 - boxes[:, 0]
+    flip, shift = np.array([-1, 1], np.float32), np.array([x1 + x2, 0], np.float32)
     cover = box_intersection(mirrored, boxes) / (box_area(boxes) + 1e-7)
     candidates = [int(j) for j in np.flatnonzero((cover < MAX_PASTE_OVERLAP).all(1)) if polygons[j]]
     chosen = rng.sample(candidates, k=round(fraction * len(candidates)))
@@ -287,7 +288,8 @@ def copy_paste(
         part = image[y1:y2, x1:x2]
         pasted = cv2.flip(mask[y1:y2, x1:x2], 1).astype(bool)
         part[pasted] = cv2.flip(part, 1)[pasted]
-    return np.asarray(chosen, dtype=np.int64), mirrored[chosen].reshape(-1, 4)
+    mirrored_polygons = [[polygon * flip + shift for polygon in polygons[j]] for j in chosen]
+    return np.asarray(chosen, dtype=np.int64), mirrored[chosen].reshape(-1, 4), mirrored_polygons
 
 
 class YOLOMosaic(DualTransform):
