@@ -10,8 +10,9 @@ The reference's environment is its own: ``python -m venv ref && ref/bin/pip inst
 this project's variants run.
 
 Per seed, on one COCO-format dataset (default: the demo dataset, generated under data/demo):
-- this project trains YOLOv8n plain and with the default STA blocks (``--variants``) through Lightning, and
-  evaluates its final EMA weights on the val split;
+- this project trains YOLOv8n plain and with the default STA blocks (``--variants``; ``sta-mosaic-group``
+  adds ``mosaic_group 16`` to the default augmentation) through Lightning, and evaluates its final EMA
+  weights on the val split;
 - the reference trains its yolov8n on the same images, with labels written on the fly in its txt layout
   (crowd regions left out, as for this project's training), and predicts the val images with its final EMA
   weights (conf 0.001, IoU 0.7, max_det 300).
@@ -46,7 +47,11 @@ from sta_lightning.training.ema import EMAConfig
 from sta_lightning.training.optim import OptimizerConfig, WarmupConfig
 
 REFERENCE_SCRIPT = Path(__file__).with_name("reference_yolov8.py")
-VARIANTS = {"plain": None, "sta": "default"}
+VARIANTS = {  # name: (STA preset, changes to the default augmentation)
+    "plain": (None, {}),
+    "sta": ("default", {}),
+    "sta-mosaic-group": ("default", {"mosaic_group": 16}),
+}
 
 
 def recipe(args: argparse.Namespace) -> dict:
@@ -68,11 +73,12 @@ def recipe(args: argparse.Namespace) -> dict:
     )
 
 
-def datamodule(args: argparse.Namespace) -> COCODataModule:
+def datamodule(args: argparse.Namespace, augment: dict | None = None) -> COCODataModule:
+    """The benchmark's data, with the default augmentation changed by ``augment`` (AugmentConfig fields)."""
     common = dict(
         image_size=args.image_size,
         loader=LoaderConfig(batch_size=args.batch, num_workers=args.workers),
-        augment=AugmentConfig(close_mosaic=args.close_mosaic),
+        augment=AugmentConfig(close_mosaic=args.close_mosaic, **(augment or {})),
     )
     if args.train_annotations:
         return COCODataModule(
@@ -84,13 +90,14 @@ def datamodule(args: argparse.Namespace) -> COCODataModule:
 
 
 def fit_ours(args: argparse.Namespace, variant: str, seed: int, pretrained: str | None = None) -> dict:
-    """Fit this project's YOLOv8n (variant plain / sta, starting from the ``pretrained`` weights file when
+    """Fit this project's YOLOv8n (a name of VARIANTS, starting from the ``pretrained`` weights file when
     given); returns mAP, mAP50 and the fit seconds."""
     hp = recipe(args)
+    sta, augment = VARIANTS[variant]
     L.seed_everything(seed, workers=True, verbose=False)
-    data = datamodule(args)
+    data = datamodule(args, augment)
     model = DetectionModule(
-        detector=DetectorConfig(scale="n", sta=VARIANTS[variant], pretrained=pretrained),
+        detector=DetectorConfig(scale="n", sta=sta, pretrained=pretrained),
         classes=data.classes,
         optimizer=OptimizerConfig(
             name=hp["optimizer"],
