@@ -122,14 +122,15 @@ def test_matches_dense_reference_forward_and_gradients(b, c, h, w, stoken, n_ite
 
 def test_auto_layout_is_rows_in_eager_float32_cpu_runs_and_cells_elsewhere():
     module = StokenAttention(16, (4, 4), num_heads=2)
-    assert module.uses_rows(torch.empty(1, 16, 8, 8))
-    assert module.uses_rows(torch.empty(1, 16, 8, 8, dtype=torch.float64))
-    assert not module.uses_rows(torch.empty(1, 16, 8, 8, device="meta"))  # any other device: cells
-    assert not module.uses_rows(torch.empty(1, 16, 8, 8, dtype=torch.bfloat16))
+    assert module.layout(torch.empty(1, 16, 8, 8)) == "rows"
+    assert module.layout(torch.empty(1, 16, 8, 8, dtype=torch.float64)) == "rows"
+    assert module.layout(torch.empty(1, 16, 8, 8, device="meta")) == "cells"  # any other device
+    assert module.layout(torch.empty(1, 16, 8, 8, dtype=torch.bfloat16)) == "cells"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not module.uses_rows(torch.empty(1, 16, 8, 8))
-    cells = StokenAttention(16, (4, 4), num_heads=2, pixel_layout="cells")
-    assert not cells.uses_rows(torch.empty(1, 16, 8, 8))
+        assert module.layout(torch.empty(1, 16, 8, 8)) == "cells"
+    for forced in ("rows", "cells", "triton"):
+        module = StokenAttention(16, (4, 4), num_heads=2, pixel_layout=forced)
+        assert module.layout(torch.empty(1, 16, 8, 8, dtype=torch.bfloat16)) == forced
     with pytest.raises(ValueError, match="pixel_layout"):
         StokenAttention(16, (4, 4), pixel_layout="chunks")
 

@@ -10,6 +10,7 @@ and the refine MHSA runs through ``F.scaled_dot_product_attention`` on the super
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import Any, NamedTuple
 
 import torch
@@ -88,7 +89,18 @@ def _run(function: type[torch.autograd.Function], forward: Callable[..., Any], *
     return forward(*args) if torch.jit.is_tracing() else function.apply(*args)
 
 
-PIXEL_LAYOUTS = ("auto", "rows", "cells")
+PIXEL_LAYOUTS = ("auto", "rows", "cells", "triton")
+
+
+def _sta_triton() -> ModuleType:
+    """``sta_lightning.nn.sta_triton``, imported on first use: Triton comes with CUDA builds of torch only."""
+    try:
+        from sta_lightning.nn import sta_triton as module
+    except ImportError as error:
+        raise ImportError(
+            f"pixel_layout 'triton' needs the triton package (it comes with CUDA builds of torch): {error}"
+        ) from error
+    return module
 
 
 def _work_dtype(x: Tensor) -> torch.dtype:
@@ -112,7 +124,9 @@ class StokenAttention(nn.Module):
     ``"rows"`` (no copies of the map), ``"cells"`` (one pass over a per-cell copy) or ``"auto"``: rows for
     eager float32/float64 work on CPU, cells otherwise (GPUs, ``torch.compile``, ``torch.export``, tracing,
     float16/bfloat16 or autocast), so an exported or compiled module computes what its eager run on the same
-    device and dtype does when that is half precision, and equals it to rounding in float32.
+    device and dtype does when that is half precision, and equals it to rounding in float32. ``"triton"``:
+    the cells layout's work as fused Triton kernels (``sta_lightning.nn.sta_triton``) for eager CUDA runs,
+    opt-in until a GPU measurement decides whether ``"auto"`` should pick it there.
     Precision: the pixel-level products run in the input's dtype, or in the autocast dtype where autocast is
     on for the input's device (float16/bfloat16 matrix units); the softmax, the affinity sums, the 1e-12 eps
     and the super tokens stay in >= float32 (in float16 the official eps would be 0). A forced rows layout
@@ -160,12 +174,12 @@ class StokenAttention(nn.Module):
             return (out, None) if return_association else out
         return self._stoken_forward(x, return_association)
 
-    def uses_rows(self, x: Tensor) -> bool:
-        """Whether a forward on ``x`` runs in the rows layout (see the class docstring)."""
+    def layout(self, x: Tensor) -> str:
+        """The pixel layout a forward on ``x`` runs in: rows, cells or triton (see the class docstring)."""
         if self.pixel_layout != "auto":
-            return self.pixel_layout == "rows"
+            return self.pixel_layout
         eager_cpu = x.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
-        return eager_cpu and _work_dtype(x) in (torch.float32, torch.float64)
+        return "rows" if eager_cpu and _work_dtype(x) in (torch.float32, torch.float64) else "cells"
 
     def _stoken_forward(
         self, x: Tensor, return_association: bool
@@ -178,11 +192,15 @@ class StokenAttention(nn.Module):
         grid = (x.shape[-2] // h, x.shape[-1] // w)
         device = x.device.type
         # both depend on autocast: decided before the pixel-level work switches it off
-        rows, dtype = self.uses_rows(x), _work_dtype(x)
+        layout, dtype = self.layout(x), _work_dtype(x)
         with torch.autocast(device, enabled=False):
-            if rows:
+            if layout == "rows":
                 tokens, affinity, _ = sta_pixels.RowPool.apply(
                     x, self.n_iter, self.logit_scale, self.stoken_size
+                )
+            elif layout == "triton":
+                tokens, affinity, _ = _sta_triton().TritonPool.apply(
+                    x, self.n_iter, self.logit_scale, self.stoken_size, dtype
                 )
             else:
                 tokens, affinity, _ = _run(
@@ -196,8 +214,10 @@ class StokenAttention(nn.Module):
                 )
         tokens = self.stoken_refine.attend(tokens.to(x.dtype))
         with torch.autocast(device, enabled=False):
-            if rows:  # computed in >= float32; returned in the input's dtype
+            if layout == "rows":  # computed in >= float32; returned in the input's dtype
                 out = sta_pixels.RowUnpool.apply(tokens, affinity, x.shape[-2:]).to(x.dtype)
+            elif layout == "triton":
+                out = _sta_triton().TritonUnpool.apply(tokens, affinity, self.stoken_size, grid)
             else:
                 out = _run(
                     sta_pixels.CellUnpool, sta_pixels.cell_unpool, tokens, affinity, self.stoken_size, grid
@@ -205,7 +225,7 @@ class StokenAttention(nn.Module):
         out = out[:, :, :h0, :w0]
         if not return_association:
             return out
-        slot_weights = sta_pixels.row_slot_weights if rows else sta_pixels.cell_slot_weights
+        slot_weights = sta_pixels.row_slot_weights if layout == "rows" else sta_pixels.cell_slot_weights
         return out, self._association(slot_weights(affinity, self.stoken_size, grid), grid, (h0, w0))
 
     def _association(

@@ -67,7 +67,7 @@ def _gather_neighbours(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
     return windows.permute(0, 1, 2, 4, 5, 3).reshape(b, m, NEIGHBOUR_SLOTS, c)
 
 
-def _scatter_neighbours(per_cell: Tensor, grid: tuple[int, int]) -> Tensor:
+def scatter_neighbours(per_cell: Tensor, grid: tuple[int, int]) -> Tensor:
     """Adjoint of ``_gather_neighbours``: (B, M, 9, C) contributions of each cell to its 9 neighbours ->
     (B, M, C) sums per super token; contributions to neighbours outside the grid are dropped."""
     b, m, _, c = per_cell.shape
@@ -96,10 +96,10 @@ def cell_pool(
     for _ in range(n_iter):
         logits = _gather_neighbours(tokens.to(dtype), grid) @ cells  # (B, M, 9, P)
         affinity = (logits.to(precise) * scale).softmax(-2)
-        mass = _scatter_neighbours(affinity.sum(-1, keepdim=True), grid)
+        mass = scatter_neighbours(affinity.sum(-1, keepdim=True), grid)
         affinity = affinity.to(dtype)
         pooled = affinity @ cells.transpose(-1, -2)  # (B, M, 9, C)
-        tokens = _scatter_neighbours(pooled.to(precise), grid) / (mass + EPS)
+        tokens = scatter_neighbours(pooled.to(precise), grid) / (mass + EPS)
     return tokens, affinity, mass
 
 
@@ -149,7 +149,7 @@ class CellUnpool(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         (affinity,) = ctx.saved_tensors
         cells = _to_cells(grad, ctx.stoken_size, affinity.dtype)
-        grad_tokens = _scatter_neighbours(affinity @ cells.transpose(-1, -2), ctx.grid)
+        grad_tokens = scatter_neighbours(affinity @ cells.transpose(-1, -2), ctx.grid)
         return grad_tokens.to(ctx.tokens_dtype), None, None, None
 
 
