@@ -5,7 +5,7 @@ table row as soon as it is measured.
 Run: ``python benchmarks/gpu.py`` (needs a CUDA GPU; about 5-10 minutes with cold compiles)
      ``python benchmarks/gpu.py --quick`` (under 5 minutes on one GPU with cold compile caches, see below)
      ``python benchmarks/gpu.py --dry-run`` (CPU, tiny sizes, bfloat16 autocast, backend aot_eager: checks the
-     script itself in a minute; its numbers mean nothing)
+     script itself in a minute, without the triton rows; its numbers mean nothing)
      ``python benchmarks/gpu.py --list [--quick]`` (the rows it would measure, without measuring)
 
 1. Fit step: YOLOv8-``--scale`` (s), batch ``--batch`` (64) at ``--size`` px (640), 4 random boxes per image:
@@ -15,10 +15,12 @@ Run: ``python benchmarks/gpu.py`` (needs a CUDA GPU; about 5-10 minutes with col
    "default" for inductor). Images per second from the median step time over ``--repeats`` steps after
    ``--warmup`` steps (the compile happens in the first), peak memory from ``torch.cuda.max_memory_allocated``
    over the timed steps.
+   The eager default-STA step also runs with its pixel work in the fused Triton kernels (pixel layout
+   "triton"); each STA step carries its time as a multiple of the plain step's.
 2. STA forward+backward on a ``--map`` x ``--map`` (160) map, batch ``--map-batch`` (16), C=256, 8x8 super
-   tokens, 8 heads, qkv_bias: ours (the one-pass "cells" layout on CUDA) against the official-style baseline
-   of benchmarks/sta.py, in float32 and under float16 autocast, eager and compiled. Median time and peak
-   memory; the official row comes first and ours carries the speed-up.
+   tokens, 8 heads, qkv_bias: ours (the one-pass "cells" layout on CUDA, and eagerly the "triton" layout)
+   against the official-style baseline of benchmarks/sta.py, in float32 and under float16 autocast, eager and
+   compiled. Median time and peak memory; the official row comes first and ours carry the speed-up.
 
 Rows run cheapest first (every eager row, then the compiled STA rows, then the compiled fit steps), one after
 another (a GPU has no neighbours to interleave against); times are CUDA-synchronised. A row that fails is
@@ -29,13 +31,14 @@ printed as ``skipped``. The exit status is 0 when every row was measured, 1 othe
 ``--quick`` keeps the sizes (eager steps take seconds on a GPU; cold compiles take minutes, whatever the
 size) and drops: repeats 10 -> 5 and warm-up steps 3 -> 2; the compiled STA rows in float32 (float16 autocast
 stays, it is the training precision); the compiled plain fit step (the compiled default-STA fit step stays,
-last). 9 rows with 3 compiles instead of 12 rows with 6 compiles (a compiled fit step alone can take minutes
+last). 12 rows with 3 compiles instead of 15 rows with 6 compiles (a compiled fit step alone can take minutes
 cold: on an H200 with torch 2.11, two of them did not finish within 230 s).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import signal
 import statistics
@@ -164,6 +167,15 @@ def forward_backward(module: nn.Module, x: torch.Tensor, upstream: torch.Tensor,
     return step
 
 
+def with_pixel_layout(model: nn.Module, layout: str) -> nn.Module:
+    """``model`` with every STA module's pixel work in ``layout`` ("auto": as built)."""
+    if layout != "auto":
+        for module in model.modules():
+            if isinstance(module, StokenAttention):
+                module.pixel_layout = layout
+    return model
+
+
 @dataclass
 class Row:
     """One row of the table: ``measure`` returns its cells after the label (median ms, throughput or
@@ -181,8 +193,9 @@ class Bench:
     def __init__(self, args: argparse.Namespace, device: torch.device, half: torch.dtype) -> None:
         self.args, self.device, self.half = args, device, half
         self._fit_data: tuple[torch.Tensor, dict] | None = None
-        self._sta: tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor] | None = None
+        self._sta: tuple[dict[str, nn.Module], torch.Tensor, torch.Tensor] | None = None
         self.official_seconds: dict[str, float] = {}
+        self.plain_seconds: dict[bool, float] = {}  # the plain fit step's, by compiled
 
     def fit_data(self) -> tuple[torch.Tensor, dict]:
         if self._fit_data is None:
@@ -192,32 +205,43 @@ class Bench:
             self._fit_data = images, {k: v.to(self.device) for k, v in targets.items()}
         return self._fit_data
 
-    def sta_modules(self) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
+    def sta_modules(self) -> tuple[dict[str, nn.Module], torch.Tensor, torch.Tensor]:
+        """The STA rows' modules by name (official, ours, ours triton: the same weights), input and upstream
+        gradient."""
         if self._sta is None:
             args, c = self.args, 256
             torch.manual_seed(0)
             ours = StokenAttention(c, (8, 8), n_iter=1, num_heads=8, qkv_bias=True).to(self.device)
             official = OfficialStyleStokenAttention(c, (8, 8), 1, 8, True).to(self.device)
             official.load_state_dict(official_state_dict(ours), strict=True)
+            triton = with_pixel_layout(copy.deepcopy(ours), "triton")
             shape = (args.map_batch, c, args.map, args.map)
             x = torch.randn(*shape, device=self.device, requires_grad=True)
             upstream = torch.randn(*shape, device=self.device)
-            self._sta = ours, official, x, upstream
+            self._sta = {"official": official, "ours": ours, "ours triton": triton}, x, upstream
         return self._sta
 
-    def fit_row(self, sta: bool, compile_: bool) -> Row:
+    def fit_row(self, sta: bool, compile_: bool, layout: str = "auto") -> Row:
+        """The fit step, plain or with the default STA (its pixel work in ``layout``); an STA row carries its
+        ratio to the plain row's time."""
         args = self.args
-        name = "default STA" if sta else "plain"
+        name = ("default STA" + ("" if layout == "auto" else f" {layout}")) if sta else "plain"
         label = f"fit step yolov8{args.scale} {name}" + (" compiled" if compile_ else "")
 
         def measure() -> tuple[str, str, str]:
             images, targets = self.fit_data()
             torch.manual_seed(0)
-            model = YOLOv8(args.scale, sta=DEFAULT_STA if sta else None).to(self.device).train()
+            model = YOLOv8(args.scale, sta=DEFAULT_STA if sta else None)
+            model = with_pixel_layout(model, layout).to(self.device).train()
             backend = args.compile_backend if compile_ else None
             step = fit_step(model, images, targets, self.half, backend)
             seconds, peak = timed_runs(step, self.device, args.warmup, args.repeats)
-            return f"{seconds * 1e3:.1f}", f"{args.batch / seconds:.1f} img/s", f"{peak / 2**30:.2f}"
+            throughput = f"{args.batch / seconds:.1f} img/s"
+            if not sta:
+                self.plain_seconds[compile_] = seconds
+            elif compile_ in self.plain_seconds:
+                throughput += f" ({seconds / self.plain_seconds[compile_]:.2f}x the plain step)"
+            return f"{seconds * 1e3:.1f}", throughput, f"{peak / 2**30:.2f}"
 
         return Row(label, measure, compile_)
 
@@ -227,8 +251,8 @@ class Bench:
         suffix = " compiled" if compile_ else ""
 
         def measure() -> tuple[str, str, str]:
-            ours, official, x, upstream = self.sta_modules()
-            module = ours if name == "ours" else official
+            modules, x, upstream = self.sta_modules()
+            module = modules[name]
             run = compiled(module, args.compile_backend) if compile_ else module
             seconds, peak = timed_runs(
                 forward_backward(run, x, upstream, dtype), self.device, args.warmup, args.repeats
@@ -248,8 +272,16 @@ class Bench:
         """Every row of this run, cheapest first (see the module docstring for what --quick drops)."""
         args = self.args
         dtypes = (None, self.half)
-        eager = [self.fit_row(sta, False) for sta in (False, True)]
-        eager += [self.sta_row(name, dtype, False) for dtype in dtypes for name in ("official", "ours")]
+        # the triton layout needs CUDA: not in the dry run
+        triton = () if args.dry_run else ("triton",)
+        eager = [self.fit_row(False, False)] + [
+            self.fit_row(True, False, layout) for layout in ("auto", *triton)
+        ]
+        eager += [
+            self.sta_row(name, dtype, False)
+            for dtype in dtypes
+            for name in ("official", "ours", *(f"ours {layout}" for layout in triton))
+        ]
         if args.no_compile:
             return eager
         compiled_dtypes = (self.half,) if args.quick else dtypes

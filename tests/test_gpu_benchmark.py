@@ -8,6 +8,7 @@ is missing and goes on past a step that fails. The command lines of its fits are
 """
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -67,13 +68,18 @@ def test_bad_arguments_are_refused_naming_them(arguments, message):
 def test_quick_mode_drops_the_float32_compiles_and_the_compiled_plain_fit_step():
     full = run_script("--list").stdout.splitlines()
     quick = run_script("--list", "--quick").stdout.splitlines()
-    assert len(full) == 12 and len(quick) == 9 and set(quick) < set(full)
+    assert len(full) == 15 and len(quick) == 12 and set(quick) < set(full)
     assert set(full) - set(quick) == {
         "STA 160x160 b16 float32 official compiled",
         "STA 160x160 b16 float32 ours compiled",
         "fit step yolov8s plain compiled",
     }
-    assert [label.endswith("compiled") for label in quick] == [False] * 6 + [True] * 3  # cheapest first
+    assert [label.endswith("compiled") for label in quick] == [False] * 9 + [True] * 3  # cheapest first
+    assert {label for label in quick if "triton" in label} == {
+        "fit step yolov8s default STA triton",
+        "STA 160x160 b16 float32 ours triton",
+        "STA 160x160 b16 float16 ours triton",
+    }
     assert quick[-1] == "fit step yolov8s default STA compiled"
 
 
@@ -87,7 +93,9 @@ def test_dry_run_measures_every_variant_and_prints_the_table():
     for dtype in ("float32", "bfloat16"):
         assert rows[f"STA 16x16 b2 {dtype} ours"][1].endswith("x vs official")
         assert f"STA 16x16 b2 {dtype} official" in rows
-    assert float(rows["fit step yolov8n default STA"][1].removesuffix(" img/s")) > 0
+    assert re.fullmatch(
+        r"\d+\.\d img/s \(\d+\.\d\dx the plain step\)", rows["fit step yolov8n default STA"][1]
+    )
     assert lines[-1].startswith("6 rows measured, 0 failed, 0 skipped")
 
 

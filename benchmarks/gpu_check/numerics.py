@@ -2,9 +2,10 @@
 
 Run: ``python benchmarks/gpu_check/numerics.py`` (CUDA; about 30 s) or ``--dry-run`` (CPU, tiny sizes).
 
-1. STA: ``StokenAttention`` on CUDA in its "cells" layout (C=128, 4 heads, 4x4 super tokens as the default
-   preset's P4 block, qkv_bias, a 37x45 map so that the map is padded, batch 2, random weights N(0, 0.3) and a
-   smooth-plus-noise input so that the association is far from uniform) against its float64 copy on the CPU
+1. STA: ``StokenAttention`` on CUDA in its "cells" layout and in its "triton" layout (the fused kernels)
+   (C=128, 4 heads, 4x4 super tokens as the default preset's P4 block, qkv_bias, a 37x45 map so that the map
+   is padded, batch 2, random weights N(0, 0.3) and a smooth-plus-noise input so that the association is far
+   from uniform) against its float64 copy on the CPU
    (the "rows" layout, itself checked against a dense float64 reference in tests/test_sta.py): outputs and
    input gradients in float32 (TF32 off), under float16 autocast and under bfloat16 autocast.
 2. YOLOv8n with the default STA at 640 px, batch 2, eval: float32 on CUDA against float64 on the CPU, the
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import sys
 import time
 from contextlib import nullcontext
@@ -83,25 +85,28 @@ def sta_rows(device: torch.device, size: tuple[int, int, int, int]) -> list[bool
     upstream64 = torch.randn(b, c, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     expected = reference(x64)
     (expected * upstream64).sum().backward()
-    module = copy.deepcopy(reference).float().to(device)
     upstream = upstream64.float().to(device)
     outcomes = []
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    # the fused Triton kernels run on CUDA only
+    layouts = ("cells", "triton") if device.type == "cuda" else ("cells",)
+    for layout, dtype in itertools.product(layouts, (torch.float32, torch.float16, torch.bfloat16)):
         name = str(dtype).removeprefix("torch.")
         try:
+            module = copy.deepcopy(reference).float().to(device)
+            module.pixel_layout = layout
             x = x64.detach().float().to(device).requires_grad_()
             with tf32(False), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 out = module(x)
                 (out.float() * upstream).sum().backward()
             out_tolerance, grad_tolerance = STA_TOLERANCE[name]
-            label = f"STA {device.type} cells {name}" + (" autocast" if dtype != torch.float32 else "")
+            label = f"STA {device.type} {layout} {name}" + (" autocast" if dtype != torch.float32 else "")
             errors = [
                 ("output", relative_errors(out, expected), out_tolerance),
                 ("input grad", relative_errors(x.grad, x64.grad), grad_tolerance),
             ]
             outcomes.append(row(f"{label} vs float64", errors))
         except Exception as error:  # one failing row does not stop the others
-            result(f"STA {name}: error {first_line(error)}")
+            result(f"STA {layout} {name}: error {first_line(error)}")
             outcomes.append(False)
     return outcomes
 
