@@ -6,8 +6,9 @@
 # Steps, each with its own timeout and log (RESULTS/<step>.log), so that one failing stops no other; the
 # dependencies each needs (module names as pip knows them), and the expected time on an H200:
 #   numerics        STA on CUDA ("cells" layout and the fused "triton" kernels) against a float64 reference
-#                   (outputs, input gradients) in float32, float16 and bfloat16 autocast; YOLOv8n with the default STA at 640
-#                   px, eval, CUDA float32 against CPU float64 (benchmarks/gpu_check/numerics.py).
+#                   (outputs, input gradients) in float32, float16 and bfloat16 autocast; YOLOv8n with the
+#                   default STA at 640 px, eval, CUDA float32 against CPU float64
+#                   (benchmarks/gpu_check/numerics.py).
 #                   Needs torch.                                                                  ~30 s
 #   export          ONNX export on CUDA (export_detector at 640 px, free batch) and onnxruntime parity with
 #                   PyTorch (benchmarks/gpu_check/onnx_export.py). Needs torch, torchvision, numpy, onnx,
