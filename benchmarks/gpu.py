@@ -57,7 +57,7 @@ from model import random_targets, sgd  # noqa: E402
 from sta import OfficialStyleStokenAttention, official_state_dict  # noqa: E402
 
 from sta_lightning.models import DEFAULT_STA, YOLOv8, YOLOv8Loss  # noqa: E402
-from sta_lightning.nn import StokenAttention  # noqa: E402
+from sta_lightning.nn import StokenAttention, set_pixel_layout  # noqa: E402
 
 HEADER = "| run | median ms | throughput / speed-up | peak GiB |"
 
@@ -167,15 +167,6 @@ def forward_backward(module: nn.Module, x: torch.Tensor, upstream: torch.Tensor,
     return step
 
 
-def with_pixel_layout(model: nn.Module, layout: str) -> nn.Module:
-    """``model`` with every STA module's pixel work in ``layout`` ("auto": as built)."""
-    if layout != "auto":
-        for module in model.modules():
-            if isinstance(module, StokenAttention):
-                module.pixel_layout = layout
-    return model
-
-
 @dataclass
 class Row:
     """One row of the table: ``measure`` returns its cells after the label (median ms, throughput or
@@ -214,7 +205,7 @@ class Bench:
             ours = StokenAttention(c, (8, 8), n_iter=1, num_heads=8, qkv_bias=True).to(self.device)
             official = OfficialStyleStokenAttention(c, (8, 8), 1, 8, True).to(self.device)
             official.load_state_dict(official_state_dict(ours), strict=True)
-            triton = with_pixel_layout(copy.deepcopy(ours), "triton")
+            triton = set_pixel_layout(copy.deepcopy(ours), "triton")
             shape = (args.map_batch, c, args.map, args.map)
             x = torch.randn(*shape, device=self.device, requires_grad=True)
             upstream = torch.randn(*shape, device=self.device)
@@ -232,7 +223,7 @@ class Bench:
             images, targets = self.fit_data()
             torch.manual_seed(0)
             model = YOLOv8(args.scale, sta=DEFAULT_STA if sta else None)
-            model = with_pixel_layout(model, layout).to(self.device).train()
+            model = set_pixel_layout(model, layout).to(self.device).train()
             backend = args.compile_backend if compile_ else None
             step = fit_step(model, images, targets, self.half, backend)
             seconds, peak = timed_runs(step, self.device, args.warmup, args.repeats)

@@ -21,6 +21,7 @@ from sta_lightning.data import DemoDataModule
 from sta_lightning.geometry import letterbox, read_image, resize_long_side
 from sta_lightning.models import NMSConfig
 from sta_lightning.moved_keys import moved_in_arguments, moved_in_section
+from sta_lightning.nn import StokenAttention
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -385,11 +386,12 @@ def step_losses(run: Path) -> list[float]:
 @pytest.mark.slow
 def test_compiled_channels_last_fit_through_the_cli_trains_like_the_eager_one(tmp_path):
     # --model.compile (backend aot_eager: traced forward and backward, no code generation) and
-    # --model.channels_last: 8 images of 64 px, one optimizer step per batch of 4, no validation.
+    # --model.channels_last and --model.sta_pixel_layout (set on every STA module): 8 images of 64 px, one
+    # optimizer step per batch of 4, no validation.
     small = ["--trainer.max_epochs=1", "--trainer.limit_val_batches=0", "--data.num_train=8"]
     small += ["--data.image_size=64", "--model.optimizer.nominal_batch_size=4"]
     accelerated = ["--model.compile.enabled=true", "--model.compile.backend=aot_eager"]
-    accelerated += ["--model.channels_last=true"]
+    accelerated += ["--model.channels_last=true", "--model.sta_pixel_layout=cells"]
     losses = {}
     for name, extra in {"eager": [], "compiled": accelerated}.items():
         root = tmp_path / name
@@ -401,6 +403,8 @@ def test_compiled_channels_last_fit_through_the_cli_trains_like_the_eager_one(tm
             assert cli.model._compiled_model is not None  # the train step really went through torch.compile
             weight = cli.model.model.layer(0).conv.weight
             assert weight.is_contiguous(memory_format=torch.channels_last)
+            layouts = {m.pixel_layout for m in cli.model.modules() if isinstance(m, StokenAttention)}
+            assert layouts == {"cells"}
         losses[name] = step_losses(root)
     assert len(losses["eager"]) == 2
     # Same first loss; after one optimizer step the kernels' summation order (NHWC, traced graph) shows.

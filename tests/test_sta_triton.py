@@ -4,6 +4,7 @@ interpreter is chosen when the kernels are defined (``TRITON_INTERPRET=1`` at im
 runs this file again in a subprocess with it set. The interpreter's bfloat16 products are wrong (a Triton
 limitation), so bfloat16 is checked on CUDA only."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import pytest
 import torch
 from test_sta import CASES, random_module, reference_sta, structured_input
 
-from sta_lightning.nn import StokenAttention
+from sta_lightning.models import DEFAULT_STA, YOLOv8, YOLOv8Loss
+from sta_lightning.nn import StokenAttention, set_pixel_layout
 
 pytest.importorskip("triton")
 
@@ -111,3 +113,30 @@ def test_cells_over_the_limit_are_refused_with_the_layout_to_use():
     module = StokenAttention(16, (33, 32), num_heads=2, pixel_layout="triton").to(DEVICE)
     with pytest.raises(ValueError, match=r"at most 1024 pixels, got \(33, 32\).*'cells'"):
         module(torch.randn(1, 16, 33, 32, device=DEVICE))
+
+
+@kernels
+def test_a_detector_training_step_matches_the_cells_layout():
+    """YOLOv8n with the default STA at 96 px (a padded 6x6 P4 map): loss and every gradient, to float32
+    rounding (the rows layout differs from the cells one by 5e-6 of the largest gradient here)."""
+    torch.manual_seed(0)
+    cells = set_pixel_layout(YOLOv8("n", 3, DEFAULT_STA), "cells").to(DEVICE).train()
+    triton = set_pixel_layout(copy.deepcopy(cells), "triton")
+    images = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    targets = {
+        "bboxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [40.0, 30.0, 90.0, 80.0]], device=DEVICE),
+        "cls": torch.tensor([0, 2], device=DEVICE),
+        "batch_idx": torch.tensor([0, 1], device=DEVICE),
+    }
+    loss = YOLOv8Loss(3)
+    totals = []
+    for model in (cells, triton):
+        total, _ = loss(model(images), targets)
+        total.backward()
+        totals.append(total.detach())
+    torch.testing.assert_close(totals[1], totals[0], rtol=1e-5, atol=0)
+    largest = max(p.grad.abs().max().item() for p in cells.parameters() if p.grad is not None)
+    for (name, p), q in zip(cells.named_parameters(), triton.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=2e-5 * largest, msg=name)

@@ -92,6 +92,21 @@ def _run(function: type[torch.autograd.Function], forward: Callable[..., Any], *
 PIXEL_LAYOUTS = ("auto", "rows", "cells", "triton")
 
 
+def _check_layout(layout: str) -> None:
+    if layout not in PIXEL_LAYOUTS:
+        raise ValueError(f"pixel_layout must be one of {PIXEL_LAYOUTS}, got {layout!r}")
+
+
+def set_pixel_layout(model: nn.Module, layout: str) -> nn.Module:
+    """Every ``StokenAttention`` in ``model`` runs its pixel-level work in ``layout`` (one of
+    ``PIXEL_LAYOUTS``; the same function in each); returns ``model``."""
+    _check_layout(layout)
+    for module in model.modules():
+        if isinstance(module, StokenAttention):
+            module.pixel_layout = layout
+    return model
+
+
 def _sta_triton() -> ModuleType:
     """``sta_lightning.nn.sta_triton``, imported on first use: Triton comes with CUDA builds of torch only."""
     try:
@@ -151,8 +166,7 @@ class StokenAttention(nn.Module):
             raise ValueError(f"stoken_size must be two positive ints (h, w), got {stoken_size}")
         if int(n_iter) != n_iter or n_iter < 1:
             raise ValueError(f"n_iter must be an integer >= 1 (number of association rounds), got {n_iter}")
-        if pixel_layout not in PIXEL_LAYOUTS:
-            raise ValueError(f"pixel_layout must be one of {PIXEL_LAYOUTS}, got {pixel_layout!r}")
+        _check_layout(pixel_layout)
         self.stoken_size: tuple[int, int] = stoken_size
         self.n_iter = int(n_iter)
         self.pixel_layout = pixel_layout

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -34,6 +34,7 @@ from sta_lightning.models import (
     non_max_suppression,
 )
 from sta_lightning.models.loss import class_weights_from_counts
+from sta_lightning.nn import set_pixel_layout
 from sta_lightning.plugins.random_state import RandomStateCheckpoint
 from sta_lightning.plugins.requeue import SLURMRequeue
 from sta_lightning.training.compile import CompileConfig
@@ -85,9 +86,13 @@ class DetectionModule(L.LightningModule):
         channels_last: keep the detector's weights and inputs in the channels-last memory format (NHWC),
             which the GPU's convolution kernels (cuDNN, Tensor Cores) prefer; off by default until measured on
             a GPU (``benchmarks/gpu.py``). Numerically the same model.
+        sta_pixel_layout: how the STA blocks run their pixel-level work (``StokenAttention``'s
+            ``pixel_layout``): auto, rows, cells or triton (fused Triton kernels for CUDA, opt-in until
+            measured on a GPU). The same function in each.
 
     The checkpoint's hyperparameters are what defines the trained model (detector, classes, the recipe);
-    ``nms``, ``predict_nms``, ``compile`` and ``channels_last`` are run settings, left out, so
+    ``nms``, ``predict_nms``, ``compile``, ``channels_last`` and ``sta_pixel_layout`` are run settings, left
+    out, so
     ``validate|test|predict --ckpt_path`` take them from the command line or config.
     """
 
@@ -105,6 +110,7 @@ class DetectionModule(L.LightningModule):
         predict_nms: NMSConfig = PREDICT_NMS,
         compile: CompileConfig = CompileConfig(),
         channels_last: bool = False,
+        sta_pixel_layout: Literal["auto", "rows", "cells", "triton"] = "auto",
     ) -> None:
         super().__init__()
         # ``load_from_checkpoint`` passes the groups back as the plain dicts the checkpoint stores.
@@ -137,7 +143,7 @@ class DetectionModule(L.LightningModule):
         self.nms, self.predict_nms, self.compile_config = nms, predict_nms, compile
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         built = build_detector(detector, classes.num_classes)
-        self.model = built.model.to(memory_format=self.memory_format)
+        self.model = set_pixel_layout(built.model, sta_pixel_layout).to(memory_format=self.memory_format)
         self.frozen_layers = built.frozen_layers
         self.pretrained_summary = built.pretrained_summary
         if self.pretrained_summary is not None:
