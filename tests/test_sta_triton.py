@@ -140,3 +140,16 @@ def test_a_detector_training_step_matches_the_cells_layout():
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=2e-5 * largest, msg=name)
+
+
+def test_outside_cuda_the_layout_is_refused_and_traced_graphs_take_the_cells_layout():
+    module = StokenAttention(16, (4, 4), num_heads=2, pixel_layout="triton").eval()
+    x = torch.randn(1, 16, 12, 12)
+    if not INTERPRETED:
+        with pytest.raises(ValueError, match="runs on CUDA tensors, got a cpu tensor"):
+            module(x)
+    # a graph cannot hold the kernels: the same function in cells (no eager check run: that would refuse)
+    traced = torch.jit.trace(module, x, check_trace=False)
+    cells = StokenAttention(16, (4, 4), num_heads=2, pixel_layout="cells").eval()
+    cells.load_state_dict(module.state_dict())
+    torch.testing.assert_close(traced(x), cells(x), rtol=0, atol=0)

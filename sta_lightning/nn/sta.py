@@ -140,8 +140,9 @@ class StokenAttention(nn.Module):
     eager float32/float64 work on CPU, cells otherwise (GPUs, ``torch.compile``, ``torch.export``, tracing,
     float16/bfloat16 or autocast), so an exported or compiled module computes what its eager run on the same
     device and dtype does when that is half precision, and equals it to rounding in float32. ``"triton"``:
-    the cells layout's work as fused Triton kernels (``sta_lightning.nn.sta_triton``) for eager CUDA runs,
-    opt-in until a GPU measurement decides whether ``"auto"`` should pick it there.
+    the cells layout's work as fused Triton kernels (``sta_lightning.nn.sta_triton``) in eager CUDA runs (the
+    cells layout under ``torch.compile``, ``torch.export`` and tracing), opt-in until a GPU measurement
+    decides whether ``"auto"`` should pick it there.
     Precision: the pixel-level products run in the input's dtype, or in the autocast dtype where autocast is
     on for the input's device (float16/bfloat16 matrix units); the softmax, the affinity sums, the 1e-12 eps
     and the super tokens stay in >= float32 (in float16 the official eps would be 0). A forced rows layout
@@ -190,9 +191,12 @@ class StokenAttention(nn.Module):
 
     def layout(self, x: Tensor) -> str:
         """The pixel layout a forward on ``x`` runs in: rows, cells or triton (see the class docstring)."""
+        graph = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        if self.pixel_layout == "triton":
+            return "cells" if graph else "triton"
         if self.pixel_layout != "auto":
             return self.pixel_layout
-        eager_cpu = x.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+        eager_cpu = x.device.type == "cpu" and not graph
         return "rows" if eager_cpu and _work_dtype(x) in (torch.float32, torch.float64) else "cells"
 
     def _stoken_forward(

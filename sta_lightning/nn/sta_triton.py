@@ -20,6 +20,8 @@ check it without a GPU). Cells hold at most ``MAX_CELL_PIXELS`` pixels.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -27,6 +29,9 @@ from torch import Tensor
 
 from sta_lightning.nn.sta_pixels import EPS, NEIGHBOUR_SLOTS, scatter_neighbours
 
+# Triton's interpreter (TRITON_INTERPRET=1) replaces the kernels when they are defined, at import
+_KNOBS = getattr(triton, "knobs", None)  # Triton >= 3.3
+INTERPRETED = _KNOBS.runtime.interpret if _KNOBS else os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_CELL_PIXELS = 1024  # one cell's pixels are one block of the kernels
 _DTYPES = {
     torch.float16: tl.float16,
@@ -250,12 +255,22 @@ def triton_unpool(
     return out
 
 
+def _check_device(tensor: Tensor) -> None:
+    """CUDA tensors, or any under Triton's interpreter (``TRITON_INTERPRET=1``, read at import)."""
+    if tensor.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(
+            f"the triton pixel layout of STA runs on CUDA tensors, got a {tensor.device.type} tensor; use "
+            "pixel_layout 'auto' (sta_pixel_layout in configs)"
+        )
+
+
 def triton_pool(
     image: Tensor, n_iter: int, scale: float, stoken_size: tuple[int, int], dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``cell_pool``: ``n_iter`` rounds of association and pooling of a (B, C, hh*h, ww*w) map, the products
     in ``dtype``. Returns super tokens (B, M, C), the last affinity (B, M, 9, P) in ``dtype`` and the mass
     each super token received (B, M, 1), tokens and mass in at least float32."""
+    _check_device(image)
     (h, w), (height, width) = stoken_size, image.shape[-2:]
     grid = (height // h, width // w)
     cells = image.unflatten(3, (grid[1], w)).unflatten(2, (grid[0], h))  # (B, C, hh, h, ww, w) view
