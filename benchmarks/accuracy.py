@@ -238,7 +238,13 @@ def main() -> None:
     )
     parser.add_argument("--reference-python", help="python of a venv with ultralytics==8.2.103")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["plain", "sta"])
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        choices=sorted(VARIANTS),
+        default=["plain", "sta"],
+        help="none: the reference only",
+    )
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=256)

@@ -16,6 +16,13 @@ import time
 from pathlib import Path
 
 from ultralytics import YOLO
+from ultralytics.utils import SETTINGS
+
+# The reference's integrations (W&B, TensorBoard, MLflow, ..., its usage events) stay off: the benchmark reads
+# only its result, and W&B, importable in a venv that shares this project's packages, rejects the run's
+# project path as a name. dict.update changes them for this process only (SETTINGS.update saves the file).
+INTEGRATIONS = ("clearml", "comet", "dvc", "hub", "mlflow", "neptune", "raytune", "tensorboard", "wandb")
+dict.update(SETTINGS, {name: False for name in (*INTEGRATIONS, "sync")})
 
 
 def main(job_file: str) -> None:
