@@ -153,3 +153,49 @@ def test_outside_cuda_the_layout_is_refused_and_traced_graphs_take_the_cells_lay
     cells = StokenAttention(16, (4, 4), num_heads=2, pixel_layout="cells").eval()
     cells.load_state_dict(module.state_dict())
     torch.testing.assert_close(traced(x), cells(x), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter replaces the kernels")
+@pytest.mark.parametrize("work", ["fp32", "fp16", "bf16"])
+def test_kernels_compile_for_cuda_without_a_gpu(work):
+    """Triton compiles both kernels to sm_80 and sm_90 machine code (its bundled ptxas; no GPU needed), so
+    the code the interpreter ran lowers as written; half-precision products use the tensor cores (mma.sync,
+    wgmma), float32 ones full-precision FMA (no TF32)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from sta_lightning.nn import sta_triton
+
+    def signature(kernel, pointers: dict[str, str]) -> dict[str, str]:
+        kinds = {"scale": "fp32"}
+        return {
+            name: pointers.get(name) or kinds.get(name) or ("constexpr" if name.isupper() else "i32")
+            for name in kernel.arg_names
+        }
+
+    pointers = {
+        "image_ptr": "*fp32",
+        "tokens_ptr": "*fp32",
+        "affinity_ptr": f"*{work}",
+        "pooled_ptr": "*fp32",
+    }
+    pointers |= {"mass_ptr": "*fp32", "out_ptr": "*fp32"}
+    sources = [
+        ASTSource(sta_triton._pool_kernel, signature(sta_triton._pool_kernel, pointers), constants)
+        for constants in (
+            {"ASSOCIATE": True, "BLOCK_C": 64, "BLOCK_P": 64},
+            {"ASSOCIATE": False, "BLOCK_C": 32, "BLOCK_P": 16},
+        )
+    ]
+    sources.append(
+        ASTSource(
+            sta_triton._unpool_kernel,
+            signature(sta_triton._unpool_kernel, pointers),
+            {"BLOCK_C": 64, "BLOCK_P": 64},
+        )
+    )
+    for capability in (80, 90):
+        for source in sources:
+            ptx = compile(source, target=GPUTarget("cuda", capability, 32)).asm["ptx"]
+            tensor_cores = "mma.sync" in ptx or "wgmma.mma_async" in ptx  # Ampere's or Hopper's
+            assert tensor_cores == (work != "fp32"), (capability, source.fn.__name__)

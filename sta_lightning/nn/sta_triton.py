@@ -33,12 +33,6 @@ from sta_lightning.nn.sta_pixels import EPS, NEIGHBOUR_SLOTS, scatter_neighbours
 _KNOBS = getattr(triton, "knobs", None)  # Triton >= 3.3
 INTERPRETED = _KNOBS.runtime.interpret if _KNOBS else os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_CELL_PIXELS = 1024  # one cell's pixels are one block of the kernels
-_DTYPES = {
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-    torch.float32: tl.float32,
-    torch.float64: tl.float64,
-}
 
 
 @triton.jit
@@ -78,11 +72,11 @@ def _pool_kernel(
     stride_x,
     scale,
     ASSOCIATE: tl.constexpr,
-    WORK: tl.constexpr,
-    ACC: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
+    WORK = affinity_ptr.dtype.element_ty  # the products' dtype
+    ACC = pooled_ptr.dtype.element_ty  # their accumulation's
     b, m, slots, neighbour, inside, pixels, y, x, real = _cell_frame(
         tl.program_id(0), cells, grid_w, cell_h, cell_w, BLOCK_P
     )
@@ -144,11 +138,11 @@ def _unpool_kernel(
     stride_c,
     stride_y,
     stride_x,
-    WORK: tl.constexpr,
-    ACC: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
+    WORK = affinity_ptr.dtype.element_ty  # the products' dtype
+    ACC = tl.float64 if WORK == tl.float64 else tl.float32  # their accumulation's
     b, m, slots, neighbour, inside, pixels, y, x, real = _cell_frame(
         tl.program_id(0), cells, grid_w, cell_h, cell_w, BLOCK_P
     )
@@ -223,8 +217,6 @@ def _pool_slots(
         *image.stride(),
         scale,
         ASSOCIATE=tokens is not None,
-        WORK=_DTYPES[affinity.dtype],
-        ACC=_DTYPES[accumulation],
         **_launch_shape(c, stoken_size),
     )
     return pooled, mass
@@ -248,8 +240,6 @@ def triton_unpool(
         h,
         w,
         *out.stride(),
-        WORK=_DTYPES[affinity.dtype],
-        ACC=_DTYPES[_accumulation(affinity.dtype)],
         **_launch_shape(c, stoken_size),
     )
     return out
