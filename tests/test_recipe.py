@@ -4,6 +4,7 @@ training (with STA blocks at every size)."""
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,15 @@ def test_early_stopping_stops_the_fit_and_its_state_resumes_with_last_ckpt(demo,
     resumed = fit(demo, tmp_path / "run", *arguments, f"--ckpt_path={last}")
     assert resumed.trainer.current_epoch == 3
     assert torch.load(last, weights_only=False)["epoch"] == 2
+
+
+def test_a_fit_without_validation_writes_last_ckpt_without_warning_of_the_missing_metric(demo, tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(demo, tmp_path / "run", "--trainer.max_epochs=1", "--trainer.limit_val_batches=0")
+    assert not [w for w in caught if "could not find the monitored key" in str(w.message)]
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
+    assert [path.name for path in (tmp_path / "run" / "checkpoints").iterdir()] == ["last.ckpt"]
 
 
 def test_a_finished_fit_extended_to_more_epochs_follows_the_longer_schedule(demo, tmp_path, caplog):

@@ -21,11 +21,17 @@ class ResumableModelCheckpoint(ModelCheckpoint):
     Lightning 2.6 writes ``last.ckpt`` only when a top-k file is written at the same step, so once the
     monitored metric stops improving ``last.ckpt`` falls behind (a resume from it would redo every epoch since
     the best one), and with manual optimization a step checkpoint waits for the first validation. Here
-    ``last.ckpt`` follows the training; the top-k files still wait for the metric.
+    ``last.ckpt`` follows the training; the top-k files still wait for the metric (without a warning before
+    the first validation).
     """
 
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Tensor]) -> None:
-        super()._save_topk_checkpoint(trainer, monitor_candidates)
+        # Before the first validation (an epoch end with check_val_every_n_epoch > 1) there is no metric to
+        # rank by: Lightning would warn that the monitored key is missing. Only last.ckpt is written then; a
+        # key still missing after a validation remains Lightning's error.
+        ranked = self.monitor is None or self.monitor in monitor_candidates
+        if ranked or trainer.fit_loop.epoch_loop.val_loop._has_run:
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
         # The epoch-end hooks write last.ckpt after this only "if a checkpoint was saved at this step".
         self._last_global_step_saved = trainer.global_step
 
