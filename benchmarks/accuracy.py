@@ -11,11 +11,12 @@ this project's variants run.
 
 Per seed, on one COCO-format dataset (default: the demo dataset, generated under data/demo):
 - this project trains YOLOv8n plain and with the default STA blocks (``--variants``; ``sta-mosaic-group``
-  adds ``mosaic_group 16`` to the default augmentation) through Lightning, and evaluates its final EMA
-  weights on the val split;
+  adds ``mosaic_group 16`` to the default augmentation, ``sta-polygon-boxes`` ``polygon_boxes``) through
+  Lightning, and evaluates its final EMA weights on the val split;
 - the reference trains its yolov8n on the same images, with labels written on the fly in its txt layout
-  (crowd regions left out, as for this project's training), and predicts the val images with its final EMA
-  weights (conf 0.001, IoU 0.7, max_det 300).
+  (crowd regions left out, as for this project's training; box lines, or with ``--polygon-labels`` polygon
+  lines, whose warped points give its boxes as ``polygon_boxes`` does here), and predicts the val images
+  with its final EMA weights (conf 0.001, IoU 0.7, max_det 300).
 Both sides' detections are scored by ``evaluate_coco`` on the same val annotation file. The recipe is the
 same on both sides: AdamW, lr0 0.002, momentum 0.9, weight decay 5e-4, nominal batch 16, 1 warmup epoch of at
 least 100 iterations (the reference's floor), warmup bias lr 0, EMA tau 2000, close_mosaic 5, default
@@ -51,6 +52,7 @@ VARIANTS = {  # name: (STA preset, changes to the default augmentation)
     "plain": (None, {}),
     "sta": ("default", {}),
     "sta-mosaic-group": ("default", {"mosaic_group": 16}),
+    "sta-polygon-boxes": ("default", {"polygon_boxes": True}),
 }
 
 
@@ -170,13 +172,14 @@ def fit_reference(args: argparse.Namespace, seed: int, data: COCODataModule) -> 
     train, val = data.splits["train"], data.splits["val"]
     train_index = load_coco_index(train.annotations, train.images)
     val_index = load_coco_index(val.annotations, val.images)
-    layout = args.out_dir / "reference-data"
-    write_yolo_layout(train_index, "train", layout)
+    labels = "-polygons" if args.polygon_labels else ""
+    layout = args.out_dir / f"reference-data{labels}"
+    write_yolo_layout(train_index, "train", layout, polygons=args.polygon_labels)
     val_paths = write_yolo_layout(val_index, "val", layout)
     names = "".join(f"  {i}: {name}\n" for i, name in enumerate(data.classes.names))
     data_yaml = layout / "data.yaml"
     data_yaml.write_text(f"path: {layout.resolve()}\ntrain: images/train\nval: images/val\nnames:\n{names}")
-    run_dir = (args.out_dir / f"reference-seed{seed}").resolve()
+    run_dir = (args.out_dir / f"reference{labels}-seed{seed}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     job = {
         "model": "yolov8n.yaml",
@@ -244,6 +247,11 @@ def main() -> None:
         choices=sorted(VARIANTS),
         default=["plain", "sta"],
         help="none: the reference only",
+    )
+    parser.add_argument(
+        "--polygon-labels",
+        action="store_true",
+        help="the reference reads the objects' polygons (its boxes after the warp come from them)",
     )
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16)
