@@ -11,8 +11,9 @@ this project's variants run.
 
 Per seed, on one COCO-format dataset (default: the demo dataset, generated under data/demo):
 - this project trains YOLOv8n plain and with the default STA blocks (``--variants``; ``sta-mosaic-group``
-  adds ``mosaic_group 16`` to the default augmentation, ``sta-polygon-boxes`` ``polygon_boxes``) through
-  Lightning, and evaluates its final EMA weights on the val split;
+  adds ``mosaic_group 16`` to the default augmentation, ``sta-mosaic-group-32`` groups of 32,
+  ``sta-polygon-boxes`` ``polygon_boxes``) through Lightning, and evaluates its final EMA weights on the val
+  split;
 - the reference trains its yolov8n on the same images, with labels written on the fly in its txt layout
   (crowd regions left out, as for this project's training; box lines, or with ``--polygon-labels`` polygon
   lines, whose warped points give its boxes as ``polygon_boxes`` does here), and predicts the val images
@@ -52,6 +53,7 @@ VARIANTS = {  # name: (STA preset, changes to the default augmentation)
     "plain": (None, {}),
     "sta": ("default", {}),
     "sta-mosaic-group": ("default", {"mosaic_group": 16}),
+    "sta-mosaic-group-32": ("default", {"mosaic_group": 32}),
     "sta-polygon-boxes": ("default", {"polygon_boxes": True}),
 }
 
