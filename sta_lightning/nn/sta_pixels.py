@@ -22,6 +22,7 @@ Both compute the same values (float32/float64 to rounding). The affinity each re
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -104,53 +105,81 @@ def cell_pool(
 
 
 def cell_unpool(
-    tokens: Tensor, affinity: Tensor, stoken_size: tuple[int, int], grid: tuple[int, int]
+    tokens: Tensor,
+    affinity: Tensor,
+    stoken_size: tuple[int, int],
+    grid: tuple[int, int],
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Super tokens (B, M, C) -> (B, C, hh*h, ww*w) map in the affinity's dtype: each pixel's
-    affinity-weighted sum of the super tokens of its 9 neighbour cells."""
+    """Super tokens (B, M, C) -> (B, C, hh*h, ww*w) map in ``dtype`` (default the affinity's): each
+    pixel's affinity-weighted sum of the super tokens of its 9 neighbour cells, the products in the
+    affinity's dtype."""
     neighbours = _gather_neighbours(tokens.to(affinity.dtype), grid)  # (B, M, 9, C)
-    return _to_image(neighbours.transpose(-1, -2) @ affinity, stoken_size, grid, affinity.dtype)
+    return _to_image(neighbours.transpose(-1, -2) @ affinity, stoken_size, grid, dtype or affinity.dtype)
 
 
-class CellPool(torch.autograd.Function):
-    """``cell_pool`` with the gradient of the map from that of the tokens (the affinity constant)."""
-
-    @staticmethod
-    def forward(
-        ctx, image: Tensor, n_iter: int, scale: float, stoken_size: tuple[int, int], dtype: torch.dtype
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        tokens, affinity, mass = cell_pool(image, n_iter, scale, stoken_size, dtype)
-        ctx.save_for_backward(affinity, mass)
-        ctx.stoken_size, ctx.image_dtype = stoken_size, image.dtype
-        ctx.grid = (image.shape[-2] // stoken_size[0], image.shape[-1] // stoken_size[1])
-        ctx.mark_non_differentiable(affinity, mass)
-        return tokens, affinity, mass
-
-    @staticmethod
-    def backward(ctx, grad_tokens: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
-        affinity, mass = ctx.saved_tensors
-        per_slot = _gather_neighbours(grad_tokens / (mass + EPS), ctx.grid).to(affinity.dtype)
-        grad = _to_image(per_slot.transpose(-1, -2) @ affinity, ctx.stoken_size, ctx.grid, ctx.image_dtype)
-        return grad, None, None, None, None
+def cell_pool_slots(image: Tensor, stoken_size: tuple[int, int], affinity: Tensor) -> Tensor:
+    """A (B, C, hh*h, ww*w) map pooled with a given affinity (B, M, 9, P), before the scatter: each cell's
+    sums for its 9 neighbours, (B, M, 9, C) in the affinity's dtype (the adjoint of ``cell_unpool``)."""
+    return affinity @ _to_cells(image, stoken_size, affinity.dtype).transpose(-1, -2)
 
 
-class CellUnpool(torch.autograd.Function):
-    """``cell_unpool`` with the gradient of the tokens from that of the map (the affinity constant)."""
+def adjoint_functions(
+    layout: str,
+    pool: Callable[..., tuple[Tensor, Tensor, Tensor]],
+    unpool: Callable[..., Tensor],
+    pool_slots: Callable[[Tensor, tuple[int, int], Tensor], Tensor],
+) -> tuple[type[torch.autograd.Function], type[torch.autograd.Function]]:
+    """A layout's pooling and unpooling as autograd Functions, each one's backward the other with the
+    association held constant (the official code never differentiates it). The layout gives:
 
-    @staticmethod
-    def forward(
-        ctx, tokens: Tensor, affinity: Tensor, stoken_size: tuple[int, int], grid: tuple[int, int]
-    ) -> Tensor:
-        ctx.save_for_backward(affinity)
-        ctx.stoken_size, ctx.grid, ctx.tokens_dtype = stoken_size, grid, tokens.dtype
-        return cell_unpool(tokens, affinity, stoken_size, grid)
+    - ``pool(image, n_iter, scale, stoken_size, dtype)``: tokens (B, M, C), affinity (B, M, 9, P) and the
+      mass each token received (B, M, 1), as ``cell_pool``;
+    - ``unpool(tokens, affinity, stoken_size, grid, dtype=None)``: the map, as ``cell_unpool``;
+    - ``pool_slots(image, stoken_size, affinity)``: per-slot sums (B, M, 9, C), as ``cell_pool_slots``.
 
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (affinity,) = ctx.saved_tensors
-        cells = _to_cells(grad, ctx.stoken_size, affinity.dtype)
-        grad_tokens = scatter_neighbours(affinity @ cells.transpose(-1, -2), ctx.grid)
-        return grad_tokens.to(ctx.tokens_dtype), None, None, None
+    Returns the Functions ``<layout>Pool`` and ``<layout>Unpool``."""
+
+    class Pool(torch.autograd.Function):
+        @staticmethod
+        def forward(
+            ctx, image: Tensor, n_iter: int, scale: float, stoken_size: tuple[int, int], dtype: torch.dtype
+        ) -> tuple[Tensor, Tensor, Tensor]:
+            tokens, affinity, mass = pool(image, n_iter, scale, stoken_size, dtype)
+            ctx.save_for_backward(affinity, mass)
+            ctx.stoken_size, ctx.image_dtype = stoken_size, image.dtype
+            ctx.grid = (image.shape[-2] // stoken_size[0], image.shape[-1] // stoken_size[1])
+            ctx.mark_non_differentiable(affinity, mass)
+            return tokens, affinity, mass
+
+        @staticmethod
+        def backward(ctx, grad_tokens: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+            affinity, mass = ctx.saved_tensors
+            grad = unpool(grad_tokens / (mass + EPS), affinity, ctx.stoken_size, ctx.grid, ctx.image_dtype)
+            return grad, None, None, None, None
+
+    class Unpool(torch.autograd.Function):
+        @staticmethod
+        def forward(
+            ctx, tokens: Tensor, affinity: Tensor, stoken_size: tuple[int, int], grid: tuple[int, int]
+        ) -> Tensor:
+            ctx.save_for_backward(affinity)
+            ctx.stoken_size, ctx.grid, ctx.tokens_dtype = stoken_size, grid, tokens.dtype
+            return unpool(tokens, affinity, stoken_size, grid)
+
+        @staticmethod
+        def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+            (affinity,) = ctx.saved_tensors
+            per_slot = pool_slots(grad, ctx.stoken_size, affinity)
+            return scatter_neighbours(per_slot, ctx.grid).to(ctx.tokens_dtype), None, None, None
+
+    for function, name in ((Pool, "Pool"), (Unpool, "Unpool")):
+        function.__name__ = function.__qualname__ = layout + name
+        function.__doc__ = f"``{layout.lower()}_{name.lower()}`` with the gradient of its adjoint."
+    return Pool, Unpool
+
+
+CellPool, CellUnpool = adjoint_functions("Cell", cell_pool, cell_unpool, cell_pool_slots)
 
 
 # ----------------------------------------------------------------------------------------------------------

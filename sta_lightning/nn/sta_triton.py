@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sta_lightning.nn.sta_pixels import EPS, NEIGHBOUR_SLOTS, scatter_neighbours
+from sta_lightning.nn.sta_pixels import EPS, NEIGHBOUR_SLOTS, adjoint_functions, scatter_neighbours
 
 # Triton's interpreter (TRITON_INTERPRET=1) replaces the kernels when they are defined, at import
 _KNOBS = getattr(triton, "knobs", None)  # Triton >= 3.3
@@ -223,13 +223,17 @@ def _pool_slots(
 
 
 def triton_unpool(
-    tokens: Tensor, affinity: Tensor, stoken_size: tuple[int, int], grid: tuple[int, int], dtype: torch.dtype
+    tokens: Tensor,
+    affinity: Tensor,
+    stoken_size: tuple[int, int],
+    grid: tuple[int, int],
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """``cell_unpool``: super tokens (B, M, C) and affinity (B, M, 9, P) -> (B, C, hh*h, ww*w) map in
-    ``dtype``, the products in the affinity's dtype."""
+    ``dtype`` (default the affinity's), the products in the affinity's dtype."""
     b, cells, c = tokens.shape
     (h, w), (hh, ww) = stoken_size, grid
-    out = tokens.new_empty(b, c, hh * h, ww * w, dtype=dtype)
+    out = tokens.new_empty(b, c, hh * h, ww * w, dtype=dtype or affinity.dtype)
     _unpool_kernel[(b * cells,)](
         tokens.contiguous(),
         affinity,
@@ -243,6 +247,12 @@ def triton_unpool(
         **_launch_shape(c, stoken_size),
     )
     return out
+
+
+def triton_pool_slots(image: Tensor, stoken_size: tuple[int, int], affinity: Tensor) -> Tensor:
+    """``cell_pool_slots``: a map pooled with a given affinity, per-slot sums (B, M, 9, C) in the
+    accumulation dtype."""
+    return _pool_slots(image, stoken_size, affinity)[0]
 
 
 def _check_device(tensor: Tensor) -> None:
@@ -273,40 +283,4 @@ def triton_pool(
     return tokens, affinity, mass
 
 
-class TritonPool(torch.autograd.Function):
-    """``triton_pool`` with the gradient of the map from that of the tokens (``CellPool``'s)."""
-
-    @staticmethod
-    def forward(
-        ctx, image: Tensor, n_iter: int, scale: float, stoken_size: tuple[int, int], dtype: torch.dtype
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        tokens, affinity, mass = triton_pool(image, n_iter, scale, stoken_size, dtype)
-        ctx.save_for_backward(affinity, mass)
-        ctx.stoken_size, ctx.image_dtype = stoken_size, image.dtype
-        ctx.grid = (image.shape[-2] // stoken_size[0], image.shape[-1] // stoken_size[1])
-        ctx.mark_non_differentiable(affinity, mass)
-        return tokens, affinity, mass
-
-    @staticmethod
-    def backward(ctx, grad_tokens: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
-        affinity, mass = ctx.saved_tensors
-        grad = triton_unpool(grad_tokens / (mass + EPS), affinity, ctx.stoken_size, ctx.grid, ctx.image_dtype)
-        return grad, None, None, None, None
-
-
-class TritonUnpool(torch.autograd.Function):
-    """``triton_unpool`` with the gradient of the tokens from that of the map (``CellUnpool``'s)."""
-
-    @staticmethod
-    def forward(
-        ctx, tokens: Tensor, affinity: Tensor, stoken_size: tuple[int, int], grid: tuple[int, int]
-    ) -> Tensor:
-        ctx.save_for_backward(affinity)
-        ctx.stoken_size, ctx.grid, ctx.tokens_dtype = stoken_size, grid, tokens.dtype
-        return triton_unpool(tokens, affinity, stoken_size, grid, affinity.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (affinity,) = ctx.saved_tensors
-        pooled, _ = _pool_slots(grad, ctx.stoken_size, affinity)
-        return scatter_neighbours(pooled, ctx.grid).to(ctx.tokens_dtype), None, None, None
+TritonPool, TritonUnpool = adjoint_functions("Triton", triton_pool, triton_unpool, triton_pool_slots)
