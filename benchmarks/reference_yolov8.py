@@ -20,7 +20,8 @@ from ultralytics import YOLO
 from ultralytics.utils import SETTINGS
 
 # ultralytics 8.2 computes AP with np.trapz, which numpy 2.4 removed (np.trapezoid is the same function); its
-# final validation needs it, whatever numpy a fresh `pip install ultralytics==8.2.103` brings.
+# final validation needs it where its venv has numpy >= 2.4 (its own pin is numpy < 2, but a venv that shares
+# this project's packages has the newer one).
 if not hasattr(np, "trapz"):
     np.trapz = np.trapezoid
 

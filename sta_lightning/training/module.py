@@ -92,8 +92,7 @@ class DetectionModule(L.LightningModule):
 
     The checkpoint's hyperparameters are what defines the trained model (detector, classes, the recipe);
     ``nms``, ``predict_nms``, ``compile``, ``channels_last`` and ``sta_pixel_layout`` are run settings, left
-    out, so
-    ``validate|test|predict --ckpt_path`` take them from the command line or config.
+    out, so ``validate|test|predict --ckpt_path`` take them from the command line or config.
     """
 
     def __init__(
