@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,8 @@ def _run(function: type[torch.autograd.Function], forward: Callable[..., Any], *
     return forward(*args) if torch.jit.is_tracing() else function.apply(*args)
 
 
-PIXEL_LAYOUTS = ("auto", "rows", "cells", "triton")
+PixelLayout = Literal["auto", "rows", "cells", "triton"]
+PIXEL_LAYOUTS: tuple[str, ...] = get_args(PixelLayout)
 
 
 def _check_layout(layout: str) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -34,7 +34,7 @@ from sta_lightning.models import (
     non_max_suppression,
 )
 from sta_lightning.models.loss import class_weights_from_counts
-from sta_lightning.nn import set_pixel_layout
+from sta_lightning.nn import PixelLayout, set_pixel_layout
 from sta_lightning.plugins.random_state import RandomStateCheckpoint
 from sta_lightning.plugins.requeue import SLURMRequeue
 from sta_lightning.training.compile import CompileConfig
@@ -109,7 +109,7 @@ class DetectionModule(L.LightningModule):
         predict_nms: NMSConfig = PREDICT_NMS,
         compile: CompileConfig = CompileConfig(),
         channels_last: bool = False,
-        sta_pixel_layout: Literal["auto", "rows", "cells", "triton"] = "auto",
+        sta_pixel_layout: PixelLayout = "auto",
     ) -> None:
         super().__init__()
         # ``load_from_checkpoint`` passes the groups back as the plain dicts the checkpoint stores.
