@@ -17,7 +17,9 @@ Per seed, on one COCO-format dataset (default: the demo dataset, generated under
 - the reference trains its yolov8n on the same images, with labels written on the fly in its txt layout
   (crowd regions left out, as for this project's training; box lines, or with ``--polygon-labels`` polygon
   lines, whose warped points give its boxes as ``polygon_boxes`` does here), and predicts the val images
-  with its final EMA weights (conf 0.001, IoU 0.7, max_det 300).
+  with its final EMA weights (conf 0.001, IoU 0.7, max_det 300). It draws a mosaic's 3 partners from a buffer
+  of the images its worker loaded recently; with ``--reference-partners dataset`` uniformly over the dataset,
+  as this project does (its own code path, ``Mosaic.get_indexes(buffer=False)``).
 Both sides' detections are scored by ``evaluate_coco`` on the same val annotation file. The recipe is the
 same on both sides: AdamW, lr0 0.002, momentum 0.9, weight decay 5e-4, nominal batch 16, 1 warmup epoch of at
 least 100 iterations (the reference's floor), warmup bias lr 0, EMA tau 2000, close_mosaic 5, default
@@ -175,13 +177,14 @@ def fit_reference(args: argparse.Namespace, seed: int, data: COCODataModule) -> 
     train_index = load_coco_index(train.annotations, train.images)
     val_index = load_coco_index(val.annotations, val.images)
     labels = "-polygons" if args.polygon_labels else ""
+    partners = "" if args.reference_partners == "buffer" else "-dataset-partners"
     layout = args.out_dir / f"reference-data{labels}"
     write_yolo_layout(train_index, "train", layout, polygons=args.polygon_labels)
     val_paths = write_yolo_layout(val_index, "val", layout)
     names = "".join(f"  {i}: {name}\n" for i, name in enumerate(data.classes.names))
     data_yaml = layout / "data.yaml"
     data_yaml.write_text(f"path: {layout.resolve()}\ntrain: images/train\nval: images/val\nnames:\n{names}")
-    run_dir = (args.out_dir / f"reference{labels}-seed{seed}").resolve()
+    run_dir = (args.out_dir / f"reference{labels}{partners}-seed{seed}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     job = {
         "model": "yolov8n.yaml",
@@ -198,6 +201,7 @@ def fit_reference(args: argparse.Namespace, seed: int, data: COCODataModule) -> 
             "pretrained": False,
             "verbose": False,
         },
+        "mosaic_partners": args.reference_partners,
         "val_images": val_paths,
         "predict": {"imgsz": args.image_size, "conf": 0.001, "iou": 0.7, "max_det": 300, "device": "cpu"},
     }
@@ -255,6 +259,13 @@ def main() -> None:
         action="store_true",
         help="the reference reads the objects' polygons (its boxes after the warp come from them)",
     )
+    parser.add_argument(
+        "--reference-partners",
+        choices=["buffer", "dataset"],
+        default="buffer",
+        help="where the reference draws a mosaic's partners: its buffer of recent images (its default) or "
+        "the whole dataset (as this project does)",
+    )
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=256)
@@ -298,7 +309,9 @@ def main() -> None:
     for side, side_runs in runs.items():
         ratio = f"{mean(side_runs, 'map') / mean(reference, 'map'):.3f}" if reference else "-"
         time_ratio = f"{mean(side_runs, 'seconds') / mean(reference, 'seconds'):.2f}" if reference else "-"
-        name = "reference (ultralytics)" if side == "reference" else f"{side} (sta_lightning)"
+        name = f"{side} (sta_lightning)"
+        if side == "reference":
+            name = f"reference (ultralytics), mosaic partners from its {args.reference_partners}"
         print(
             f"| {name} | {mean(side_runs, 'map'):.4f} | {mean(side_runs, 'map50'):.4f} | {ratio} "
             f"| {mean(side_runs, 'seconds'):.0f} | {time_ratio} |"

@@ -8,8 +8,10 @@
    ``--round-images`` samples of a shuffled epoch: uncached (the reference reading one new image per sample,
    as on a dataset larger than its buffer of recent images; ours with mosaic partners from the whole dataset
    and, a third side, from groups of ``--mosaic-group`` consecutive images of the epoch's order) and cached
-   (ours: ``cache="ram"``; the reference's ``cache="ram"``). Prints each side's median images/s, the decodes
-   per sample and the ratios.
+   (ours: ``cache="ram"``; the reference's ``cache="ram"``). One more side is the reference with mosaic
+   partners drawn from the whole dataset, as ours are (its ``Mosaic.get_indexes(buffer=False)``, keeping no
+   loaded image): the same kind of samples, hence the same decoding work per sample. Prints each side's
+   median images/s, the decodes per sample and the ratios.
    ``--compare-only`` skips parts 1 and 2.
 1. Images per second for ONE worker (one process, one thread), JPEG decode included: training pipeline
    (read, resize, 4-image mosaic, affine, colour, flip, collate) and validation pipeline (read, resize,
@@ -94,11 +96,21 @@ class OurSamples:
 class ReferenceSamples:
     """The reference's training samples, timed by benchmarks/reference_data.py in the reference's python."""
 
-    def __init__(self, python: str, images: Path, image_size: int, cache: str | None, workdir: Path) -> None:
-        name = f"reference-data-{cache or 'uncached'}"
+    def __init__(
+        self,
+        python: str,
+        images: Path,
+        image_size: int,
+        cache: str | None,
+        workdir: Path,
+        mosaic_partners: str = "buffer",
+    ) -> None:
+        name = f"reference-data-{cache or 'uncached'}-{mosaic_partners}"
         job = workdir / f"{name}.json"
         settings = {"images": str(images), "image_size": image_size, "cache": cache, "seed": 0}
-        job.write_text(json.dumps({**settings, "fresh_buffer": cache is None}))
+        job.write_text(
+            json.dumps({**settings, "fresh_buffer": cache is None, "mosaic_partners": mosaic_partners})
+        )
         env = {
             **os.environ,
             "YOLO_OFFLINE": "1",
@@ -156,6 +168,9 @@ def compare_with_reference(args: argparse.Namespace) -> None:
             "reference": ReferenceSamples(
                 args.reference_python, workdir / "yolo/images/train", size, None, workdir
             ),
+            "reference, dataset": ReferenceSamples(
+                args.reference_python, workdir / "yolo/images/train", size, None, workdir, "dataset"
+            ),
             "ours, cached": OurSamples(cached),
             "reference, cached": ReferenceSamples(
                 args.reference_python, workdir / "yolo/images/train", size, "ram", workdir
@@ -186,10 +201,12 @@ def compare_with_reference(args: argparse.Namespace) -> None:
         )
     print(
         f"  our cache: {cached.cache.nbytes / 2**20:.1f} MiB of shared memory, filled in {fill_seconds:.1f} "
-        "s; the reference's uncached rounds read one new image per sample (its buffer emptied per round)"
+        "s; the reference's uncached rounds read one new image per sample (its buffer emptied per round), "
+        "'reference, dataset' draws mosaic partners from the whole dataset, as ours does"
     )
     for ours, reference in (
         ("ours", "reference"),
+        ("ours", "reference, dataset"),
         (f"ours, group {args.mosaic_group}", "reference"),
         ("ours, cached", "reference"),
         ("ours, cached", "reference, cached"),

@@ -4,7 +4,8 @@ This file imports ``ultralytics`` and runs only under the interpreter given as `
 (``pip install ultralytics==8.2.103`` in a separate virtual environment); the project never imports it.
 
 Usage: REF_PYTHON reference_data.py JOB.json, where the job holds ``images`` (the ``images/train`` folder of
-a YOLO layout, labels beside it), ``image_size``, ``cache`` (null or "ram"), ``fresh_buffer`` and ``seed``.
+a YOLO layout, labels beside it), ``image_size``, ``cache`` (null or "ram"), ``fresh_buffer``, ``seed`` and
+optionally ``mosaic_partners`` ("buffer", the default, or "dataset").
 It builds the reference's ``YOLODataset`` as its trainer does for training (default hyperparameters:
 mosaic, affine, HSV, flip), one thread, prints ``{"ready": true}``, then answers each line N read from
 stdin with one JSON line: ``images_per_second`` over the next N samples of a shuffled epoch order (wall
@@ -14,9 +15,13 @@ empty line or end of input stops it.
 The reference draws mosaic partners from a buffer of the images it loaded last (min(N, 8 x batch, 1000))
 and keeps those in memory; on a dataset no larger than that buffer (coco128) it then reads no file after
 the first epoch. ``fresh_buffer`` empties it before each round, so that every sample reads its one new image
-as it does on a dataset larger than the buffer.
+as it does on a dataset larger than the buffer. ``mosaic_partners`` "dataset" draws a mosaic's partners
+uniformly over the dataset, as this project does (the reference's ``Mosaic.get_indexes(buffer=False)``), and
+keeps no loaded image (``max_buffer_length`` 0), so that each of a mosaic's 4 images is read from its file,
+as on a dataset much larger than the buffer.
 """
 
+import functools
 import json
 import random
 import sys
@@ -27,6 +32,7 @@ import cv2
 import numpy as np
 import torch
 from ultralytics.cfg import get_cfg
+from ultralytics.data.augment import Mosaic
 from ultralytics.data.dataset import YOLODataset
 
 
@@ -61,6 +67,9 @@ def main(job_file: str) -> None:
         pad=0.0,
         data={"names": {i: str(i) for i in range(1000)}, "nc": 1000},
     )
+    if job.get("mosaic_partners", "buffer") == "dataset":
+        Mosaic.get_indexes = functools.partialmethod(Mosaic.get_indexes, buffer=False)
+        dataset.max_buffer_length = 0
     counter = CountingImread()
     cv2.imread = counter
     epochs = np.random.default_rng(job["seed"])

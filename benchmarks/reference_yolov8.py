@@ -4,12 +4,15 @@ This file imports ``ultralytics`` and runs only under the interpreter given as `
 (``pip install ultralytics==8.2.103`` in a separate virtual environment); the project never imports it.
 
 Usage: REF_PYTHON reference_yolov8.py JOB.json, where the job holds ``data_yaml``, ``out_dir``, ``train``
-(keyword arguments of ``YOLO.train``), ``model`` (a model yaml such as yolov8n.yaml), ``val_images`` (paths)
-and ``predict`` (keyword arguments of ``YOLO.predict``). Writes ``result.json`` in ``out_dir``:
-``fit_seconds`` and ``detections``, per image path a list of [x1, y1, x2, y2, score, class index] in
-original pixels, from the final (EMA) weights.
+(keyword arguments of ``YOLO.train``), ``model`` (a model yaml such as yolov8n.yaml), ``val_images`` (paths),
+``predict`` (keyword arguments of ``YOLO.predict``) and optionally ``mosaic_partners``: "buffer" (the
+reference's own choice, a mosaic's 3 partners from its buffer of recently loaded images) or "dataset"
+(uniform over the dataset, as this project draws them: its ``Mosaic.get_indexes(buffer=False)``). Writes
+``result.json`` in ``out_dir``: ``fit_seconds`` and ``detections``, per image path a list of
+[x1, y1, x2, y2, score, class index] in original pixels, from the final (EMA) weights.
 """
 
+import functools
 import json
 import sys
 import time
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from ultralytics import YOLO
+from ultralytics.data.augment import Mosaic
 from ultralytics.utils import SETTINGS
 
 # ultralytics 8.2 computes AP with np.trapz, which numpy 2.4 removed (np.trapezoid is the same function); its
@@ -35,6 +39,8 @@ dict.update(SETTINGS, {name: False for name in (*INTEGRATIONS, "sync")})
 def main(job_file: str) -> None:
     job = json.loads(Path(job_file).read_text())
     out_dir = Path(job["out_dir"])
+    if job.get("mosaic_partners", "buffer") == "dataset":
+        Mosaic.get_indexes = functools.partialmethod(Mosaic.get_indexes, buffer=False)
     model = YOLO(job["model"])
     start = time.perf_counter()
     model.train(data=job["data_yaml"], project=str(out_dir), name="train", exist_ok=True, **job["train"])
