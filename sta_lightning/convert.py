@@ -6,7 +6,8 @@ the readers the datamodules use (``data.yolo_format``, ``data.voc_format``, ``da
 - SOURCE a Pascal VOC root: ``OUTPUT/annotations/instances_<set>.json`` per image set, file names relative
   to its ``JPEGImages``; difficult objects become crowd regions.
 - SOURCE a COCO instances json (with ``--images``): a YOLO dataset in OUTPUT (``data.yaml``, ``images/``
-  links or copies, ``labels/``); converting the train and val jsons into one OUTPUT gives one data.yaml.
+  links or copies, ``labels/`` with box lines, or with ``--polygons`` polygon lines); converting the train and
+  val jsons into one OUTPUT gives one data.yaml.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the data.yaml key of the split (default: train, val or test, whichever the json's name holds)",
     )
     coco.add_argument("--copy", action="store_true", help="copy the images (default: symbolic links)")
+    coco.add_argument(
+        "--polygons",
+        action="store_true",
+        help="write polygon lines (class x1 y1 x2 y2 ..., the reference's segment labels): an object's "
+        "polygons joined into one, its box's corners where it has none (default: box lines)",
+    )
     voc = parser.add_argument_group("from a Pascal VOC root")
     voc.add_argument(
         "--sets",
@@ -110,9 +117,12 @@ def convert(options: argparse.Namespace) -> None:
         if not options.images:
             raise SystemExit("convert: a COCO json needs --images, the folder its file names are relative to")
         split = options.split or _split_of(source)
-        written = yolo_format.write_split(source, options.images, output, split, options.copy)
+        written = yolo_format.write_split(
+            source, options.images, output, split, options.copy, options.polygons
+        )
+        lines = "polygon lines" if options.polygons else "boxes"
         print(
-            f"wrote {output / 'labels' / split}: {written.images} images, {written.boxes} boxes"
+            f"wrote {output / 'labels' / split}: {written.images} images, {written.boxes} {lines}"
             + (f" ({written.crowd_left_out} crowd regions left out)" if written.crowd_left_out else "")
         )
         print(

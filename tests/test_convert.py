@@ -15,7 +15,7 @@ from sta_lightning.data.demo import DEMO_CLASS_NAMES, annotation_path, generate_
 from sta_lightning.data.index_cache import CACHE_DIR_ENV
 from sta_lightning.data.voc_format import read_voc
 from sta_lightning.data.voc_format import to_coco as voc_to_coco
-from sta_lightning.data.yolo_format import read_data_yaml
+from sta_lightning.data.yolo_format import join_polygons, read_data_yaml
 from sta_lightning.data.yolo_format import to_coco as yolo_to_coco
 from tests.test_data_voc import demo_as_voc
 
@@ -83,6 +83,69 @@ def test_round_trip_of_real_coco_images(shared_data, tmp_path):
     assert_same_boxes(source, final)
     # The category ids become 0..K-1 in ascending order of the original ids; the names stay.
     assert read_instances(final).class_names == read_instances(source).class_names
+
+
+def objects_by_file(annotation_file: Path) -> dict[str, tuple[tuple[int, int], list]]:
+    """file name -> ((width, height), per object in file order: (x1, y1, x2, y2, class index), polygons)."""
+    instances = read_instances(annotation_file)
+    return {
+        Path(file_name).name: (
+            (width, height),
+            list(zip(instances.boxes_of[image_id], instances.polygons_of[image_id], strict=True)),
+        )
+        for image_id, (file_name, height, width) in instances.images.items()
+    }
+
+
+@pytest.mark.parametrize("source", ["demo", "coco128"])
+def test_polygon_lines_round_trip(source, tmp_path, request):
+    # --polygons: every object comes back with its polygons joined into one (a single one unchanged, to
+    # float32 precision; an RLE mask as its box's corners), and the enclosing box of that polygon as its box.
+    if source == "demo":
+        images = generate_demo_dataset(tmp_path / "demo", num_train=4, num_val=40, seed=1) / "val"
+        annotation_file, split = annotation_path(images.parent, "val"), "val"
+    else:
+        coco128 = request.getfixturevalue("shared_data") / "coco128"
+        images, split = coco128 / "train2017", "train"
+        annotation_file = coco128 / "annotations" / "instances_train2017.json"
+    main(["convert", str(annotation_file), str(tmp_path / "yolo"), "--images", str(images), "--polygons"])
+    main(["convert", str(tmp_path / "yolo" / "data.yaml"), str(tmp_path / "coco")])
+    before = objects_by_file(annotation_file)
+    after = objects_by_file(tmp_path / "coco" / "annotations" / f"instances_{split}.json")
+    assert sorted(after) == sorted(before)
+    joined = 0
+    for name, (size, objects) in before.items():
+        assert len(after[name][1]) == len(objects), name
+        for ((x1, y1, x2, y2, label), polygons), (found_box, (found,)) in zip(
+            objects, after[name][1], strict=True
+        ):
+            assert found_box[4] == label
+            joined += len(polygons) > 1
+            corners = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]])
+            expected = np.clip(join_polygons(polygons), 0, size) if polygons else corners
+            np.testing.assert_allclose(found, expected, atol=1e-4, err_msg=name)
+            np.testing.assert_allclose(found_box[:4], [*found.min(axis=0), *found.max(axis=0)], atol=1e-4)
+    assert joined > 0 or source == "demo"  # coco128 has objects of several polygons
+
+
+def test_join_polygons_runs_once_around_each_polygon():
+    triangle = np.array([[0.0, 0.0], [2.0, 0.0], [1.0, 2.0]])
+    square = np.array([[5.0, 0.0], [7.0, 0.0], [7.0, 2.0], [5.0, 2.0]])
+    polygons = [triangle, square, np.array([[5.0, 6.0], [9.0, 6.0], [9.0, 9.0]])]
+    assert join_polygons(polygons[:1]) is polygons[0]
+    outline = join_polygons(polygons)
+    steps = list(zip(map(tuple, outline), map(tuple, outline[1:]), strict=False))
+    steps = [step for step in steps if step[0] != step[1]]
+    edges = [(tuple(p[i]), tuple(p[(i + 1) % len(p)])) for p in polygons for i in range(len(p))]
+    # Each polygon edge once, in the polygon's direction; the rest are the two bridges, each there and back,
+    # between the closest points of consecutive polygons (3 and 4 apart).
+    assert sorted(step for step in steps if step in edges) == sorted(edges)
+    bridges = sorted(step for step in steps if step not in edges)
+    bridges_expected = [((2.0, 0.0), (5.0, 0.0)), ((5.0, 2.0), (5.0, 6.0))]
+    assert bridges == sorted(bridges_expected + [(end, start) for start, end in bridges_expected])
+    # So it encloses what the polygons do: its shoelace area is the sum of theirs.
+    x, y = outline[:, 0], outline[:, 1]
+    assert 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) == pytest.approx(12.0)
 
 
 def test_yolo_to_coco_json_is_the_datamodule_conversion(tmp_path, capsys):

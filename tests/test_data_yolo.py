@@ -227,19 +227,23 @@ def test_reference_reads_the_same_labels(tmp_path, monkeypatch):
     assert_reference_reads_the_same(labelled_dataset(tmp_path / "set"), "val", skip=("class.jpg",))
 
 
-def test_reference_reads_the_same_labels_of_real_images(shared_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("polygons", [False, True], ids=["boxes", "polygons"])
+def test_reference_reads_the_same_labels_of_real_images(polygons, shared_data, tmp_path, monkeypatch):
+    # convert's box lines, and its polygon lines (objects of several polygons joined, RLE masks as corners)
     monkeypatch.setenv("YOLO_OFFLINE", "1")
     monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "ultralytics"))
     pytest.importorskip("ultralytics.data.dataset")
     coco128 = shared_data / "coco128"
     annotations = coco128 / "annotations" / "instances_train2017.json"
-    write_split(annotations, coco128 / "train2017", tmp_path / "yolo", "train", copy=True)
-    assert_reference_reads_the_same(tmp_path / "yolo" / "data.yaml", "train")
+    write_split(annotations, coco128 / "train2017", tmp_path / "yolo", "train", copy=True, polygons=polygons)
+    assert_reference_reads_the_same(tmp_path / "yolo" / "data.yaml", "train", polygons=polygons)
 
 
-def assert_reference_reads_the_same(data_yaml: Path, split: str, skip: tuple[str, ...] = ()) -> None:
+def assert_reference_reads_the_same(
+    data_yaml: Path, split: str, skip: tuple[str, ...] = (), polygons: bool = False
+) -> None:
     """The images we keep of a split and their boxes are those ultralytics reads (but the images ``skip``
-    and the zero-size boxes we leave out)."""
+    and the zero-size boxes we leave out); with ``polygons`` (every line a polygon) it read them as such."""
     from ultralytics.data.dataset import YOLODataset as ReferenceDataset
 
     dataset = read_data_yaml(data_yaml)
@@ -255,6 +259,8 @@ def assert_reference_reads_the_same(data_yaml: Path, split: str, skip: tuple[str
     )
     for label in theirs:
         ours = read_labels(label_path(Path(label["im_file"])), len(names))
+        if polygons:  # the reference read them as polygons too
+            assert len(label["segments"]) == len(label["cls"]), label["im_file"]
         expected = np.concatenate([label["cls"], label["bboxes"]], axis=1)
         expected = expected[(expected[:, 3] > 0) & (expected[:, 4] > 0)]  # we leave zero-size boxes out
         np.testing.assert_allclose(

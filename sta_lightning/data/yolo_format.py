@@ -326,13 +326,62 @@ def _place_image(source: Path, target: Path, copy: bool) -> None:
         target.symlink_to(source.resolve())
 
 
+def join_polygons(polygons: list[np.ndarray]) -> np.ndarray:
+    """An object's polygons ((k_i, 2) xy each) as one outline (k, 2), as a YOLO polygon line holds one:
+    consecutive polygons are bridged between their closest points, and the outline runs once around each
+    polygon, crossing each bridge there and back (so it encloses what the polygons do, plus zero-width
+    bridges). A single polygon is returned as it is."""
+    if len(polygons) == 1:
+        return polygons[0]
+    links = []  # per consecutive pair, (index in the first, index in the second) of their closest points
+    for first, second in zip(polygons, polygons[1:], strict=False):
+        distances = ((first[:, None, :] - second[None, :, :]) ** 2).sum(axis=-1)
+        links.append(np.unravel_index(distances.argmin(), distances.shape))
+
+    def tour(k: int, start: int) -> np.ndarray:
+        """Polygon k from point ``start`` around to it again, with polygon k + 1's tour at the bridge."""
+        ring = np.roll(polygons[k], -start, axis=0)
+        ring = np.concatenate([ring, ring[:1]])
+        if k == len(polygons) - 1:
+            return ring
+        out, into = links[k]
+        at = (out - start) % len(polygons[k])
+        return np.concatenate([ring[: at + 1], tour(k + 1, into), ring[at:]])
+
+    return tour(0, links[0][0])
+
+
+def _label_line(
+    box: tuple[float, float, float, float, int], polygons: list[np.ndarray] | None, width: int, height: int
+) -> str:
+    """One object's YOLO label line at full float precision: ``class cx cy w h`` for ``polygons`` None, else
+    ``class x1 y1 x2 y2 ...`` (``join_polygons``, the box's 4 corners for an object without polygons),
+    normalised by the image's width and height (points clipped to the image)."""
+    x1, y1, x2, y2, k = box
+    if polygons is None:
+        values = np.array(
+            [(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height]
+        )
+    else:
+        points = join_polygons(polygons) if polygons else np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]])
+        values = (np.clip(np.asarray(points, dtype=np.float64), 0, (width, height)) / (width, height)).ravel()
+    return " ".join([str(k), *(repr(float(v)) for v in values)])
+
+
 def write_split(
-    annotation_file: str | Path, image_dir: str | Path, output: str | Path, split: str, copy: bool = False
+    annotation_file: str | Path,
+    image_dir: str | Path,
+    output: str | Path,
+    split: str,
+    copy: bool = False,
+    polygons: bool = False,
 ) -> WrittenSplit:
     """Write one COCO split as a YOLO dataset under ``output``: ``images/<split>/<file_name>`` (links to the
-    images, or copies), ``labels/<split>/<name>.txt`` (one ``class cx cy w h`` line per object, normalised
-    by the image's width and height, full float precision) and ``data.yaml`` (``path: .``, the split, and
-    ``names``; a data.yaml already there gets the split added when its names agree).
+    images, or copies), ``labels/<split>/<name>.txt`` (one line per object, ``_label_line``: a box, or with
+    ``polygons`` the object's polygons joined into one polygon line, as the reference's segment labels) and
+    ``data.yaml`` (``path: .``, the split, and ``names``; a data.yaml already there gets the split added when
+    its names agree). Read back, a polygon line's box is the enclosing box of its points (clipped to the
+    image), which may differ from the json's ``bbox`` by what the polygon and the box disagree.
 
     The json is read by the COCO reader of training (``read_instances``): class k is the k-th category id in
     ascending order, boxes are clipped to their image (and degenerate ones dropped, with the training's
@@ -358,10 +407,11 @@ def write_split(
         relative = Path(file_name).name if Path(file_name).is_absolute() else file_name
         target = output / "images" / split / relative
         _place_image(source, target, copy)
-        lines = []
-        for x1, y1, x2, y2, k in instances.boxes_of[image_id]:
-            values = ((x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height)
-            lines.append(" ".join([str(k), *(repr(float(v)) for v in values)]))
+        shapes = instances.polygons_of[image_id] if polygons else [None] * len(instances.boxes_of[image_id])
+        lines = [
+            _label_line(box, shape, width, height)
+            for box, shape in zip(instances.boxes_of[image_id], shapes, strict=True)
+        ]
         label = label_path(target)
         label.parent.mkdir(parents=True, exist_ok=True)
         label.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
