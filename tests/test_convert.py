@@ -61,6 +61,7 @@ def test_coco_yolo_coco_round_trip_keeps_every_box(tmp_path, capsys):
     assert crowd > 0 and f"({crowd} crowd regions left out)" in capsys.readouterr().out
     data = yaml.safe_load((tmp_path / "yolo" / "data.yaml").read_text())
     assert data["names"] == {0: "circle", 1: "square", 2: "triangle", 3: "star", 4: "cross"}
+    assert "path" not in data  # the YAML's folder is the root, for the reference too
     assert (tmp_path / "yolo" / "images" / "val" / "000000.jpg").is_symlink()
     # A second split goes into the same data.yaml; the datamodule reads both.
     main(

@@ -26,7 +26,8 @@ Where this differs from the reference (YOLOv8 8.2), deliberately: a 5-field line
 reference reads it as a 2-point polygon in a file with polygons); a class index equal to the number of
 classes, or not an integer, drops the image (the reference checks ``max_cls <= num_cls`` and keeps it);
 boxes with zero width or height are left out with a note (the reference keeps them as ground truth that no
-prediction can match); an image listed twice in a split is read once. Boxes that pass the check but overrun
+prediction can match); an image listed twice in a split is read once; a relative ``path`` is relative to the
+YAML's folder (the reference resolves it in its own datasets folder, a user setting). Boxes that pass the check but overrun
 the image (cx + w / 2 > 1) are clipped by the COCO reader, as the reference clips them in training.
 
 Image sizes are those of the EXIF-oriented view, the frame the reference normalises in, so a 90 / 270 degree
@@ -305,7 +306,7 @@ class WrittenSplit:
 def _checked_names(data_yaml: Path, names: list[str]) -> dict:
     """The data.yaml content to extend: the existing file's (whose names must equal ``names``), or new."""
     if not data_yaml.is_file():
-        return {"path": "."}
+        return {}
     existing = yaml.safe_load(data_yaml.read_text(encoding="utf-8")) or {}
     if _names(data_yaml, existing.get("names")) != names:
         raise AnnotationError(
@@ -379,9 +380,10 @@ def write_split(
     """Write one COCO split as a YOLO dataset under ``output``: ``images/<split>/<file_name>`` (links to the
     images, or copies), ``labels/<split>/<name>.txt`` (one line per object, ``_label_line``: a box, or with
     ``polygons`` the object's polygons joined into one polygon line, as the reference's segment labels) and
-    ``data.yaml`` (``path: .``, the split, and ``names``; a data.yaml already there gets the split added when
-    its names agree). Read back, a polygon line's box is the enclosing box of its points (clipped to the
-    image), which may differ from the json's ``bbox`` by what the polygon and the box disagree.
+    ``data.yaml`` (the split and ``names``, no ``path``, so that both readers take its folder as the root; a
+    data.yaml already there gets the split added when its names agree). Read back, a polygon line's box is
+    the enclosing box of its points (clipped to the image), which may differ from the json's ``bbox`` by what
+    the polygon and the box disagree.
 
     The json is read by the COCO reader of training (``read_instances``): class k is the k-th category id in
     ascending order, boxes are clipped to their image (and degenerate ones dropped, with the training's
