@@ -28,13 +28,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from accuracy import write_yolo_layout
 from sample_statistics import sample_numbers, summary
 
 from sta_lightning.data import AugmentConfig
 from sta_lightning.data.coco_index import load_coco_index
 from sta_lightning.data.dataset import COCODetectionDataset
 from sta_lightning.data.transforms import TrainAugmentation
+from sta_lightning.data.yolo_format import write_split
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REFERENCE_SCRIPT = Path(__file__).with_name("reference_augment.py")
@@ -130,8 +130,8 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as workdir:
         workdir = Path(workdir)
-        write_yolo_layout(index, "train", workdir / "boxes")
-        write_yolo_layout(index, "train", workdir / "polygons", polygons=True)
+        write_split(args.annotations, args.images, workdir / "boxes", "train")
+        write_split(args.annotations, args.images, workdir / "polygons", "train", polygons=True)
         print("| option | statistic | ours | reference | ratio | ours / default | reference / default |")
         print("|---|---|---|---|---|---|---|")
         defaults = {}

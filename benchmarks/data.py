@@ -46,7 +46,6 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from accuracy import write_yolo_layout  # noqa: E402
 
 from sta_lightning.data import COCODataModule, DemoDataModule  # noqa: E402
 from sta_lightning.data.coco_index import load_coco_index  # noqa: E402
@@ -54,6 +53,7 @@ from sta_lightning.data.config import LoaderConfig, Split  # noqa: E402
 from sta_lightning.data.dataset import COCODetectionDataset  # noqa: E402
 from sta_lightning.data.order import epoch_order  # noqa: E402
 from sta_lightning.data.transforms import TrainAugmentation  # noqa: E402
+from sta_lightning.data.yolo_format import write_split  # noqa: E402
 
 GOAL_IMAGES_PER_SECOND = 30.0
 COCO_TRAIN_IMAGES = 118_287
@@ -156,7 +156,7 @@ def compare_with_reference(args: argparse.Namespace) -> None:
     index = load_coco_index(args.annotations, args.images)
     with tempfile.TemporaryDirectory() as workdir:
         workdir = Path(workdir)
-        write_yolo_layout(index, "train", workdir / "yolo")
+        write_split(args.annotations, args.images, workdir / "yolo", "train")
         start = time.perf_counter()
         cached = COCODetectionDataset(index, size, TrainAugmentation(size), cache="ram")
         fill_seconds = time.perf_counter() - start

@@ -27,8 +27,9 @@ reference reads it as a 2-point polygon in a file with polygons); a class index 
 classes, or not an integer, drops the image (the reference checks ``max_cls <= num_cls`` and keeps it);
 boxes with zero width or height are left out with a note (the reference keeps them as ground truth that no
 prediction can match); an image listed twice in a split is read once; a relative ``path`` is relative to the
-YAML's folder (the reference resolves it in its own datasets folder, a user setting). Boxes that pass the check but overrun
-the image (cx + w / 2 > 1) are clipped by the COCO reader, as the reference clips them in training.
+YAML's folder (the reference resolves it in its own datasets folder, a user setting). Boxes that pass the
+check but overrun the image (cx + w / 2 > 1) are clipped by the COCO reader, as the reference clips them in
+training.
 
 Image sizes are those of the EXIF-oriented view, the frame the reference normalises in, so a 90 / 270 degree
 EXIF rotation is read as by the reference; a 180 degree rotation or a mirror is read in stored pixels
@@ -294,13 +295,14 @@ def cached_coco_json(dataset: YOLODataset, split: str) -> Path:
 
 @dataclass
 class WrittenSplit:
-    """What ``write_split`` wrote: the split's key in data.yaml, its image and box counts, and the crowd
-    regions left out (YOLO labels have none)."""
+    """What ``write_split`` wrote: the split's key in data.yaml, its image and box counts, the crowd regions
+    left out (YOLO labels have none) and ``paths``, image id -> the image's path in the YOLO dataset."""
 
     split: str
     images: int
     boxes: int
     crowd_left_out: int
+    paths: dict[int, Path] = field(default_factory=dict)
 
 
 def _checked_names(data_yaml: Path, names: list[str]) -> dict:
@@ -399,6 +401,7 @@ def write_split(
     data_yaml = output / "data.yaml"
     content = _checked_names(data_yaml, names)
     skipped: list[str] = []
+    paths: dict[int, Path] = {}
     boxes = 0
     for image_id, (file_name, height, width) in instances.images.items():
         source = image_dir / file_name
@@ -409,6 +412,7 @@ def write_split(
         relative = Path(file_name).name if Path(file_name).is_absolute() else file_name
         target = output / "images" / split / relative
         _place_image(source, target, copy)
+        paths[image_id] = target
         shapes = instances.polygons_of[image_id] if polygons else [None] * len(instances.boxes_of[image_id])
         lines = [
             _label_line(box, shape, width, height)
@@ -427,5 +431,4 @@ def write_split(
     content["names"] = dict(enumerate(names))
     data_yaml.parent.mkdir(parents=True, exist_ok=True)
     data_yaml.write_text(yaml.safe_dump(content, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    written = len(instances.images) - len(skipped)
-    return WrittenSplit(split, written, boxes, instances.num_crowd)
+    return WrittenSplit(split, len(paths), boxes, instances.num_crowd, paths)
