@@ -153,15 +153,28 @@ class COCODetectionDataset(Dataset):
         """Image i's resize ratio to long side S."""
         return self.image_size / max(int(v) for v in self.index.sizes[i])
 
+    def target_scale(self, i: int) -> np.ndarray:
+        """(2,) float32 x and y factors from image i's original pixels to its targets at long side S.
+
+        Training: the resized sides over the original ones, the factors of the pixels themselves (the short
+        side, rounded up, is up to one pixel's worth above ``ratio``), as the reference's targets, normalised
+        to the resized image, follow them. Evaluation: ``ratio`` on both axes, the one factor by which a
+        sample's boxes map back to the original image (``boxes_to_original``), as the reference maps its
+        predictions back with one gain."""
+        if self.augmentation is None:
+            return np.full(2, self.ratio(i), dtype=np.float32)
+        (h0, w0), (h, w) = self.index.sizes[i], self.resized_shape(i)
+        return np.array([w / int(w0), h / int(h0)], dtype=np.float32)
+
     def load_targets(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Boxes (n, 4) float32 xyxy of image i in pixels at long side S and labels (n,) int64."""
         boxes, labels = self.index.targets(i)
-        return boxes * np.float32(self.ratio(i)), labels.copy()
+        return boxes * np.tile(self.target_scale(i), 2), labels.copy()
 
     def load_polygons(self, i: int) -> list[list[np.ndarray]]:
         """Per box of ``load_targets(i)``, its polygons: (k, 2) float32 xy pixels at long side S."""
-        ratio = np.float32(self.ratio(i))
-        return [[polygon * ratio for polygon in shapes] for shapes in self.index.polygons(i)]
+        scale = self.target_scale(i)
+        return [[polygon * scale for polygon in shapes] for shapes in self.index.polygons(i)]
 
     def load_resized(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Image i resized to long side S, its boxes (n, 4) in resized pixels and labels (n,)."""
