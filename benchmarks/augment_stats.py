@@ -12,9 +12,10 @@ exactly 114. Copy-paste needs polygons: its rows, and a default recipe beside th
 labels (from which it also derives its boxes after the warp, keeping boxes down to 1 % of their area instead
 of 10 %: its default recipe differs on them; this project does so with ``polygon_boxes``, and warps box
 corners without). Samples: ``--samples`` per option and side, shuffled epochs; the reference draws its mosaic
-and mixup partners from its buffer of recent images, this project uniformly from the dataset, so on 128 images
-the two select alike. The reference runs in its own venv (``python -m venv ref && ref/bin/pip install
-ultralytics==8.2.103``), through benchmarks/reference_augment.py.
+partners from its buffer of recent images (which starts empty: the first samples' partners come from the
+first few images), this project uniformly from the dataset; ``--reference-partners dataset`` makes the
+reference draw them as this project does (``reference_partners.py``). The reference runs in its own venv
+(``python -m venv ref && ref/bin/pip install ultralytics==8.2.103``), through benchmarks/reference_augment.py.
 """
 
 from __future__ import annotations
@@ -82,13 +83,14 @@ def our_numbers(index, size: int, option: dict, samples: int, seed: int) -> list
 
 
 def reference_numbers(
-    python: str, images: Path, size: int, option: dict, samples: int, seed: int, workdir: Path
+    python: str, images: Path, size: int, option: dict, samples: int, seed: int, workdir: Path, partners: str
 ) -> list[dict]:
     job = {
         "images": str(images),
         "image_size": size,
         "samples": samples,
         "seed": seed,
+        "mosaic_partners": partners,
         "hyp": {**COLOUR_OFF, **{name: value for name, value in option.items() if name != "polygon_boxes"}},
     }
     job_file = workdir / "augment_job.json"
@@ -120,6 +122,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--reference-partners",
+        choices=["buffer", "dataset"],
+        default="buffer",
+        help="where the reference draws a mosaic's partners: its buffer of recent images (its default) or "
+        "the whole dataset (as this project does)",
+    )
+    parser.add_argument(
         "--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS), metavar="OPTION"
     )
     args = parser.parse_args()
@@ -147,6 +156,7 @@ def main() -> None:
                     args.samples,
                     args.seed,
                     workdir,
+                    args.reference_partners,
                 )
             )
             default = defaults.setdefault(labels, (ours, reference))

@@ -4,7 +4,8 @@ imported by the project.
 
 Usage: REF_PYTHON reference_augment.py JOB.json, where the job holds ``images`` (the ``images/train`` folder
 of a YOLO layout, labels beside it), ``image_size``, ``samples``, ``seed`` and ``hyp`` (overrides of the
-reference's default hyperparameters). Prints one JSON line: ``sample_numbers`` of each sample.
+reference's default hyperparameters) and optionally ``mosaic_partners`` ("buffer", its default, or "dataset":
+``reference_partners``). Prints one JSON line: ``sample_numbers`` of each sample.
 """
 
 import json
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from reference_partners import draw_partners_from
 from sample_statistics import sample_numbers
 from ultralytics.cfg import get_cfg
 from ultralytics.data.dataset import YOLODataset
@@ -24,6 +26,7 @@ def main(job_file: str) -> None:
     random.seed(job["seed"])
     np.random.seed(job["seed"])
     torch.manual_seed(job["seed"])
+    draw_partners_from(job.get("mosaic_partners", "buffer"))
     size = job["image_size"]
     dataset = YOLODataset(
         img_path=job["images"],

@@ -21,7 +21,6 @@ keeps no loaded image (``max_buffer_length`` 0), so that each of a mosaic's 4 im
 as on a dataset much larger than the buffer.
 """
 
-import functools
 import json
 import random
 import sys
@@ -31,8 +30,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from reference_partners import draw_partners_from
 from ultralytics.cfg import get_cfg
-from ultralytics.data.augment import Mosaic
 from ultralytics.data.dataset import YOLODataset
 
 
@@ -67,9 +66,9 @@ def main(job_file: str) -> None:
         pad=0.0,
         data={"names": {i: str(i) for i in range(1000)}, "nc": 1000},
     )
-    if job.get("mosaic_partners", "buffer") == "dataset":
-        Mosaic.get_indexes = functools.partialmethod(Mosaic.get_indexes, buffer=False)
-        dataset.max_buffer_length = 0
+    draw_partners_from(job.get("mosaic_partners", "buffer"))
+    if job.get("mosaic_partners") == "dataset":
+        dataset.max_buffer_length = 0  # keeps no loaded image, as on a dataset much larger than its buffer
     counter = CountingImread()
     cv2.imread = counter
     epochs = np.random.default_rng(job["seed"])

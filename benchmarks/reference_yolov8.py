@@ -12,15 +12,14 @@ reference's own choice, a mosaic's 3 partners from its buffer of recently loaded
 [x1, y1, x2, y2, score, class index] in original pixels, from the final (EMA) weights.
 """
 
-import functools
 import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from reference_partners import draw_partners_from
 from ultralytics import YOLO
-from ultralytics.data.augment import Mosaic
 from ultralytics.utils import SETTINGS
 
 # ultralytics 8.2 computes AP with np.trapz, which numpy 2.4 removed (np.trapezoid is the same function); its
@@ -39,8 +38,7 @@ dict.update(SETTINGS, {name: False for name in (*INTEGRATIONS, "sync")})
 def main(job_file: str) -> None:
     job = json.loads(Path(job_file).read_text())
     out_dir = Path(job["out_dir"])
-    if job.get("mosaic_partners", "buffer") == "dataset":
-        Mosaic.get_indexes = functools.partialmethod(Mosaic.get_indexes, buffer=False)
+    draw_partners_from(job.get("mosaic_partners", "buffer"))
     model = YOLO(job["model"])
     start = time.perf_counter()
     model.train(data=job["data_yaml"], project=str(out_dir), name="train", exist_ok=True, **job["train"])
