@@ -13,10 +13,11 @@ from sta_lightning.data import AugmentConfig
 from sta_lightning.data.coco_index import load_coco_index
 from sta_lightning.data.dataset import COCODetectionDataset
 from sta_lightning.data.transforms import TrainAugmentation
+from sta_lightning.data.yolo_augment import affine_matrix
 from sta_lightning.data.yolo_format import write_split
 
 SIZE = 640
-GEOMETRY_ONLY = dict(scale=0.0, translate=0.0, fliplr=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0)
+GEOMETRY_ONLY = dict(translate=0.0, fliplr=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0)  # mosaic and scale 0.5
 
 
 def test_targets_scale_with_the_resized_pixels(tmp_path):
@@ -38,21 +39,33 @@ def test_targets_scale_with_the_resized_pixels(tmp_path):
     np.testing.assert_allclose(boxes, [[0, 0, 640, 333 * 1.28]], atol=1e-3)
 
 
-def centre_first(center: list[int], uniform):
-    """``random.uniform`` whose first two draws over [S / 2, 3S / 2] are the reference's mosaic centre (it
-    draws int(random.uniform(S / 2, 3S / 2)) for cy, then cx), and ``uniform`` otherwise."""
+def drawing(center: list[int], scale: float, uniform):
+    """``random.uniform`` that draws the reference's mosaic centre (int(random.uniform(S / 2, 3S / 2)) for
+    cy, then cx) and affine scale (random.uniform(0.5, 1.5)) as given, and calls ``uniform`` otherwise."""
     queue = [center[1], center[0]]
 
     def draw(a: float, b: float) -> float:
         if (a, b) == (SIZE // 2, 3 * SIZE // 2) and queue:
             return float(queue.pop(0))
-        return uniform(a, b)
+        return scale if (a, b) == (0.5, 1.5) else uniform(a, b)
 
     return draw
 
 
+class FixedScale(random.Random):
+    """This project's augmentation stream, with the affine scale (uniform(0.5, 1.5)) drawn as given."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__(0)
+        self.scale = scale
+
+    def uniform(self, a: float, b: float) -> float:
+        return self.scale if (a, b) == (0.5, 1.5) else super().uniform(a, b)
+
+
 def test_mosaic_boxes_equal_the_references(shared_data, tmp_path, monkeypatch):
-    # The same 4 images around the same centre, scale, translation and flips off: the reference's boxes.
+    # The same 4 images around the same centre, at the same affine scale (translation and flips off): the
+    # reference's boxes.
     monkeypatch.setenv("YOLO_OFFLINE", "1")
     monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "ultralytics"))
     reference_data = pytest.importorskip("ultralytics.data.dataset")
@@ -81,12 +94,18 @@ def test_mosaic_boxes_equal_the_references(shared_data, tmp_path, monkeypatch):
     for _ in range(60):
         images = draws.choice(sorted(theirs_of), size=4).tolist()
         center = draws.integers(SIZE // 2, 3 * SIZE // 2, size=2).tolist()  # (cx, cy)
+        scale = float(draws.choice([0.5, 0.7, 1.0, 1.3]))
         monkeypatch.setattr(transforms, "mosaic_center", lambda rng, size, center=center: tuple(center))
+        monkeypatch.setattr(
+            transforms,
+            "affine_matrix",
+            lambda rng, *args, scale=scale: affine_matrix(FixedScale(scale), *args),
+        )
         monkeypatch.setattr(ours, "mosaic_partners", lambda i, rng, images=images: images[1:])
         sample = ours[images[0]]
         found = np.concatenate([sample["boxes"], sample["labels"][:, None]], axis=1)
 
-        monkeypatch.setattr(random, "uniform", centre_first(center, uniform))
+        monkeypatch.setattr(random, "uniform", drawing(center, scale, uniform))
         partners = [theirs_of[k] for k in images[1:]]
         monkeypatch.setattr(Mosaic, "get_indexes", lambda self, buffer=True, partners=partners: partners)
         theirs = reference[theirs_of[images[0]]]
@@ -99,5 +118,7 @@ def test_mosaic_boxes_equal_the_references(shared_data, tmp_path, monkeypatch):
         def rows(boxes: np.ndarray) -> np.ndarray:
             return boxes[np.lexsort(np.round(boxes, 2).T[::-1])]
 
-        assert found.shape == expected.shape, (images, center)
-        np.testing.assert_allclose(rows(found), rows(expected), atol=2e-3, err_msg=str((images, center)))
+        assert found.shape == expected.shape, (images, center, scale)
+        np.testing.assert_allclose(
+            rows(found), rows(expected), atol=2e-3, err_msg=str((images, center, scale))
+        )
