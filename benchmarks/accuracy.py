@@ -40,6 +40,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from reference_partners import add_partners_option
 
 from sta_lightning.data import AugmentConfig, COCODataModule, DemoDataModule, LoaderConfig, Split
 from sta_lightning.data.yolo_format import write_split
@@ -221,13 +222,7 @@ def main() -> None:
         action="store_true",
         help="the reference reads the objects' polygons (its boxes after the warp come from them)",
     )
-    parser.add_argument(
-        "--reference-partners",
-        choices=["buffer", "dataset"],
-        default="buffer",
-        help="where the reference draws a mosaic's partners: its buffer of recent images (its default) or "
-        "the whole dataset (as this project does)",
-    )
+    add_partners_option(parser)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=256)

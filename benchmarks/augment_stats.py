@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from reference_partners import add_partners_option
 from sample_statistics import sample_numbers, summary
 
 from sta_lightning.data import AugmentConfig
@@ -121,13 +122,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=640)
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--reference-partners",
-        choices=["buffer", "dataset"],
-        default="buffer",
-        help="where the reference draws a mosaic's partners: its buffer of recent images (its default) or "
-        "the whole dataset (as this project does)",
-    )
+    add_partners_option(parser)
     parser.add_argument(
         "--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS), metavar="OPTION"
     )

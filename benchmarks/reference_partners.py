@@ -1,17 +1,30 @@
-"""The reference YOLOv8 (Ultralytics 8.2.103) drawing a mosaic's 3 partners uniformly over the dataset, as
-this project does, instead of from its buffer of recently loaded images: its own
-``Mosaic.get_indexes(buffer=False)``. Imported only by the reference-side scripts (reference_*.py), which run
-in the reference's venv."""
+"""Where the reference YOLOv8 (Ultralytics 8.2.103) draws a mosaic's 3 partners: from its buffer of recently
+loaded images (its default) or uniformly over the dataset, as this project does (its own
+``Mosaic.get_indexes(buffer=False)``). The benchmarks take the choice with ``add_partners_option``; the
+reference-side scripts (reference_*.py, in the reference's venv) apply it with ``draw_partners_from``."""
 
+import argparse
 import functools
 
-from ultralytics.data.augment import Mosaic
+PARTNERS = ("buffer", "dataset")
 
-PARTNERS = ("buffer", "dataset")  # where the reference draws a mosaic's partners: its default, or as ours
+
+def add_partners_option(parser: argparse.ArgumentParser) -> None:
+    """``--reference-partners`` (one of ``PARTNERS``, default "buffer") on a benchmark's parser."""
+    parser.add_argument(
+        "--reference-partners",
+        choices=PARTNERS,
+        default="buffer",
+        help="where the reference draws a mosaic's partners: its buffer of recent images (its default) or "
+        "the whole dataset (as this project does)",
+    )
 
 
 def draw_partners_from(partners: str) -> None:
-    """Make the reference's mosaics draw their partners from ``partners`` (one of ``PARTNERS``)."""
+    """Make the reference's mosaics draw their partners from ``partners`` (one of ``PARTNERS``); imports
+    ultralytics, so only in the reference's venv."""
+    from ultralytics.data.augment import Mosaic
+
     if partners not in PARTNERS:
         raise ValueError(f"mosaic partners must be one of {PARTNERS}, got {partners!r}")
     if partners == "dataset":
